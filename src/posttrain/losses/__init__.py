@@ -1,0 +1,13 @@
+"""Pure loss functions: tensors in, tensors out; no model, no loop (shared/DESIGN.md, "Loss functions").
+
+- ``pairwise(name, policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, *, chosen_len=None,
+  rejected_len=None, **hparams) -> Tensor[B]``: the DPO family on summed sequence log-probs.
+- ``unpaired(name, policy_logps, ref_logps, desirable, *, kl_anchor, lengths=None, **hparams) -> Tensor[B]``: KTO family.
+- ``policy_gradient(name, logps, old_logps, advantages, mask, *, ref_logps=None, **hparams) -> Tensor[]``: GRPO family.
+- ``token_nll(token_logps, mask, num_items=None) -> Tensor[]``: SFT.
+"""
+
+from posttrain.losses.supervised import token_nll  # noqa: F401
+from posttrain.losses.pairwise import PAIRWISE_LOSSES, pairwise  # noqa: F401
+from posttrain.losses.unpaired import UNPAIRED_LOSSES, unpaired  # noqa: F401
+from posttrain.losses.policy_gradient import POLICY_GRADIENT_LOSSES, policy_gradient  # noqa: F401
