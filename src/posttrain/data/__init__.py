@@ -1,0 +1,1 @@
+"""Datasets (sft, pairs, unpaired, prompts+answers), collators and the embedded tasks."""

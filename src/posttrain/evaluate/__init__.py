@@ -1,0 +1,1 @@
+"""lm-eval wrapper and the embedded task YAMLs."""

@@ -1,0 +1,156 @@
+"""Policy, tokenizer and reference: one loading path for embedded tiny bases, local directories and hub ids.
+
+The embedded scales build (or reuse) their cached base and then load it through exactly the path a real
+``Qwen/Qwen2.5-*-Instruct`` id or a local copy takes: ``AutoTokenizer`` on ``scale.tokenizer`` (default
+``scale.model``), a round-trip probe, ``AutoModelForCausalLM``. ``trust_remote_code`` is off unless the user turns
+it on. LoRA through peft wraps every linear layer when ``lora.enabled``.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PROBE = "Question: Ann has 3 boxes with 4 pens in each. How many?\nAnswer: 3*4=12\n#### 12"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message says what to do instead."""
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str  # what was loaded (id or directory), recorded in result.json
+    tokenizer_id: str
+
+
+def resolve_model_paths(scale) -> tuple[str, str]:
+    """``(model, tokenizer)`` locations for a scale config (building the embedded base when needed)."""
+    model = scale.get("model")
+    tokenizer = scale.get("tokenizer")
+    if model is None:
+        if not scale.get("embedded"):
+            raise ModelLoadError(f"scale {scale.name!r} names no model: set scale.model to an HF id or a local dir")
+        from posttrain.models.tiny import ensure_tiny_base
+
+        model_dir, tok_dir = ensure_tiny_base(dict(scale.build))
+        model, tokenizer = str(model_dir), tokenizer or str(tok_dir)
+    return str(model), str(tokenizer or model)
+
+
+def load_tokenizer(location: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the fix
+        raise ModelLoadError(
+            f"cannot load the tokenizer from {location!r} ({type(exc).__name__}: {_first_line(exc)}). "
+            "Without the model hub, use a tiny scale (scale=tiny-s) or point scale.model / scale.tokenizer at a "
+            "local directory.") from exc
+    ids = tok(PROBE, add_special_tokens=False)["input_ids"]
+    back = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if back != PROBE:
+        raise ModelLoadError(
+            f"the tokenizer at {location!r} ({type(tok).__name__}) does not round-trip text: {PROBE!r} came back "
+            f"as {back!r}. Point scale.tokenizer at the directory that holds the model's own tokenizer files "
+            "(a character tokenizer saved beside a Qwen2 model reloads as Qwen2Tokenizer).")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_policy(scale, lora, *, trust_remote_code: bool = False, device: str | torch.device = "cpu") -> Loaded:
+    from transformers import AutoModelForCausalLM
+
+    model_loc, tok_loc = resolve_model_paths(scale)
+    tokenizer = load_tokenizer(tok_loc, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_loc, dtype=DTYPES[scale.get("dtype", "float32")], trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"cannot load the model {model_loc!r} ({type(exc).__name__}: {_first_line(exc)}). Without the model "
+            "hub, use a tiny scale (scale=tiny-s) or set scale.model to a local directory in HF format.") from exc
+    model.to(device)
+    disable_dropout(model)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if lora.enabled:
+        model = add_lora(model, lora)
+    return Loaded(model, tokenizer, model_loc, tok_loc)
+
+
+def add_lora(model, lora):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (ALGORITHMS.md 6.3): policy and reference must see the same network."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class Reference:
+    """The frozen reference: a copy of the initial policy, or with LoRA the same network with adapters disabled.
+
+    ``with reference.active() as ref_model:`` gives the module to run a no-grad forward on. A reference-free
+    algorithm gets ``Reference(None)`` and never runs a reference forward (``calls`` counts them).
+    """
+
+    def __init__(self, policy: torch.nn.Module | None, *, lora: bool = False):
+        self.calls = 0
+        self._lora = lora
+        self._policy = policy if lora else None
+        self._copy = None
+        if policy is not None and not lora:
+            self._copy = copy.deepcopy(policy).eval()
+            self._copy.requires_grad_(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._copy is not None or self._policy is not None
+
+    @contextmanager
+    def active(self):
+        if not self.enabled:
+            raise RuntimeError("this algorithm is reference-free: no reference forward may run")
+        self.calls += 1
+        if self._copy is not None:
+            with torch.no_grad():
+                yield self._copy
+            return
+        was_training = self._policy.training
+        self._policy.eval()  # dropout is off anyway; eval keeps any other train-time behaviour out
+        try:
+            with torch.no_grad(), self._policy.disable_adapter():
+                yield self._policy
+        finally:
+            self._policy.train(was_training)
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> None:
+    """Save the trained policy (a LoRA run saves its adapter) and its tokenizer."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+

@@ -1,0 +1,277 @@
+"""One run = one pipeline, the only place that knows the order (shared/DESIGN.md, "Layers"):
+
+identity -> skip if done -> model -> data -> train -> evaluate -> result.json.
+
+``result.json`` is written atomically at the end of every run, completed or failed; a completed result is never
+overwritten: a relaunch with the same config hash skips the cell, one with another hash (the code's defaults
+changed) moves the old directory aside to ``<dir>.<old hash>`` and runs again.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+
+import traceback
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from posttrain import results
+from posttrain.cache import CACHE_EVENTS, stable_hash
+from posttrain.sweep.cells import cell_path, config_hash, variant
+
+PACKAGES = ("torch", "transformers", "peft", "deepspeed", "lm_eval", "trl", "datasets", "hydra-core", "wandb",
+            "submitit", "posttrain")
+EVAL_SEED = 1234  # lm-eval's own default: every run (and the base) sees the same few-shot examples
+
+
+class UserError(Exception):
+    """A mistake in the command or config: printed as one line, never as a traceback."""
+
+
+def cell_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, str]:
+    """(variant, cell directory relative to the sweep directory) of a composed config."""
+    name = variant(str(cfg.algo.name), overrides)
+    return name, cell_path(name, cfg.scale.name, bool(cfg.lora.enabled), int(cfg.seed))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in PACKAGES:
+        try:
+            out[pkg.replace("-", "_")] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg.replace("-", "_")] = None
+    return out
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, timeout=5, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _hardware(threads: int) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch_threads": threads, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+    return info
+
+
+def available_cpus() -> int:
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit():
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _hparams(cfg: DictConfig) -> dict:
+    algo = OmegaConf.to_container(cfg.algo, resolve=True)
+    algo.pop("name", None)
+    return algo
+
+
+def _empty_result(cfg, algo_meta, name, chash, started) -> dict:
+    return {
+        "status": results.FAILED, "algo": str(cfg.algo.name), "variant": name, "scale": str(cfg.scale.name),
+        "seed": int(cfg.seed), "lora": bool(cfg.lora.enabled), "config_hash": chash,
+        "config": _scrubbed_config(cfg), "algo_meta": algo_meta, "metrics": {},
+        "eval": {"tasks": list(cfg.eval.tasks), "num_fewshot": OmegaConf.to_container(cfg.eval, resolve=True)[
+            "num_fewshot"], "chat_template": bool(cfg.eval.apply_chat_template), "limit": cfg.eval.limit,
+            "lm_eval_version": _versions().get("lm_eval"), "base_metrics": {}},
+        "train": {"steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0, "final_loss": None,
+                  "loss_curve": [], "reward_curve": []},
+        "provenance": {"git_sha": _git_sha(), "versions": _versions(), "hardware": {}, "started": started,
+                       "finished": None, "cache_hits": {}},
+        "error": None,
+    }
+
+
+def _scrubbed_config(cfg: DictConfig) -> dict:
+    from posttrain.tracker import scrub
+
+    return scrub(OmegaConf.to_container(cfg, resolve=True))
+
+
+def base_scores(loaded, cfg: DictConfig) -> dict:
+    """lm-eval scores of the untrained base, cached per (base, eval settings)."""
+    from posttrain.cache import cached_json
+    from posttrain.evaluate.harness import evaluate, lm_eval_version
+
+    settings = OmegaConf.to_container(cfg.eval, resolve=True)
+    settings.pop("profiles", None)
+    settings.pop("batch_size", None)
+    key = stable_hash({"model": loaded.model_id, "tokenizer": loaded.tokenizer_id, "eval": settings,
+                       "lm_eval": lm_eval_version(), "seed": EVAL_SEED})
+    return cached_json("base_scores", key, lambda: evaluate(loaded.model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED))
+
+
+def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: dict) -> None:
+    """The heavy part of a run; fills ``result`` in place so a failure keeps what was done."""
+    import numpy as np
+    import torch
+
+    from posttrain.data.selfplay import load_records, make_examples, selfplay_samples
+    from posttrain.evaluate.harness import evaluate
+    from posttrain.models.loading import Reference, add_lora, load_policy, save_model
+    from posttrain.train import train
+
+    seed = int(cfg.seed)
+    loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code))
+    if cfg.eval.base_scores:
+        result["eval"]["base_metrics"] = base_scores(loaded, cfg)
+    records = load_records(selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data))
+    examples = make_examples(records, algo.data, seed=int(cfg.data.seed), sft_source=str(cfg.data.sft_source))
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    policy = add_lora(loaded.model, cfg.lora) if cfg.lora.enabled else loaded.model
+    hparams = _hparams(cfg)
+    reference = Reference(policy if algo.needs_reference(hparams) else None, lora=bool(cfg.lora.enabled))
+    state = train(policy, reference, loaded.tokenizer, algo, hparams, examples, cfg.trainer,
+                  max_length=int(cfg.data.max_length), seed=seed, log=tracker.log,
+                  checkpoint_dir=cell_dir / "checkpoint")
+    result["train"] = {
+        "steps": state.step, "examples": state.examples, "tokens": state.tokens, "seconds": round(state.seconds, 3),
+        "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
+        "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
+        "reward_curve": state.reward_curve, "reference_forwards": reference.calls, "dataset_size": len(examples)}
+    if cfg.get("save_model"):
+        save_model(policy, loaded.tokenizer, cell_dir / "model")
+    eval_model = policy.merge_and_unload() if cfg.lora.enabled else policy
+    result["metrics"] = evaluate(eval_model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED)
+    tracker.log({f"eval/{task}/{metric}": value for task, metrics in result["metrics"].items()
+                 for metric, value in metrics.items()}, state.step)
+
+
+def summary_line(result: dict, cell_dir: Path) -> str:
+    parts = []
+    for task, metrics in result["metrics"].items():
+        key = next((k for k in ("exact_match,strict-match", "acc_norm,none", "acc,none") if k in metrics), None)
+        if key is None:
+            continue
+        base = result["eval"]["base_metrics"].get(task, {}).get(key)
+        shown = f"{100 * metrics[key]:.1f}%" if base is None else f"{100 * base:.1f}% -> {100 * metrics[key]:.1f}%"
+        parts.append(f"{task} {key.split(',')[0]}{'/' + key.split(',')[1] if ',' in key else ''} {shown}")
+    tps = result["train"].get("tokens_per_s") or 0.0
+    return (f"[{result['status']}] {result['variant']} {result['scale']} lora-{'on' if result['lora'] else 'off'} "
+            f"seed-{result['seed']}: " + " | ".join(parts) + f" | {tps:,.0f} tok/s | {cell_dir}")
+
+
+def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, sweep: str) -> dict:
+    """Run (or skip) one cell; returns ``{"status", "cell", "run_dir"}`` with status completed|failed|skipped|locked."""
+    from posttrain.algorithms import registry
+
+    outcome = {"cell": cell, "run_dir": str(cell_dir)}
+    try:
+        algo = registry.get(str(cfg.algo.name))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    chash = config_hash(cfg)
+    existing = results.read_result(cell_dir)
+    if existing and existing.get("status") == results.COMPLETED:
+        if existing.get("config_hash") == chash:
+            print(f"[skipped] {cell}: already completed (config {chash})", flush=True)
+            return {**outcome, "status": "skipped"}
+        archive = Path(f"{cell_dir}.{existing.get('config_hash') or 'old'}")
+        print(f"[rerun] {cell}: completed with config {existing.get('config_hash')}, now {chash}; "
+              f"keeping the old run as {archive.name}", flush=True)
+        if archive.exists():
+            shutil.rmtree(archive)
+        shutil.copytree(cell_dir, archive)
+        (cell_dir / results.RESULT_FILE).unlink()
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cell_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[locked] {cell}: running in another process; not started twice", flush=True)
+        return {**outcome, "status": "locked"}
+    try:
+        return {**outcome, "status": _run_locked(cfg, algo, cell_dir, variant_name, cell, sweep, chash)}
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg, algo, cell_dir: Path, variant_name: str, cell: str, sweep: str, chash: str) -> str:
+    import torch
+
+    from posttrain.tracker import NullTracker, make_tracker
+
+    threads = int(cfg.trainer.threads or available_cpus())
+    torch.set_num_threads(threads)
+    CACHE_EVENTS.clear()
+    result = _empty_result(cfg, algo.meta(), variant_name, chash, _now())
+    result["provenance"]["hardware"] = _hardware(threads)
+    tracker = NullTracker()
+    interrupted = None
+    try:
+        tracker = make_tracker(
+            cfg.logger, sweep=sweep, cell=cell, run_dir=cell_dir, config=result["config"],
+            tags=[f"algo:{cfg.algo.name}", f"scale:{cfg.scale.name}", f"seed:{cfg.seed}",
+                  f"lora:{'on' if cfg.lora.enabled else 'off'}"], job_type=str(cfg.algo.name))
+        train_and_evaluate(cfg, algo, cell_dir, tracker, result)
+        result["status"] = results.COMPLETED
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded; interrupts re-raised below
+        result["error"] = {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
+                           "traceback": traceback.format_exc()}
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            interrupted = exc
+    finally:
+        result["provenance"]["finished"] = _now()
+        result["provenance"]["cache_hits"] = dict(CACHE_EVENTS)
+        results.write_result(cell_dir, result)
+    tracker.summary({"status": result["status"], **{f"{t}/{m}": v for t, ms in result["metrics"].items()
+                                                    for m, v in ms.items()}})
+    tracker.finish(failed=result["status"] != results.COMPLETED)
+    if interrupted is not None:
+        raise interrupted
+    if result["status"] == results.COMPLETED and not cfg.keep_checkpoints:
+        shutil.rmtree(cell_dir / "checkpoint", ignore_errors=True)
+    if result["status"] == results.COMPLETED:
+        print(summary_line(result, cell_dir), flush=True)
+    else:
+        print(f"[failed] {cell}: {result['error']['type']}: {result['error']['message'].splitlines()[0]} "
+              f"(details in {cell_dir / results.RESULT_FILE})", file=sys.stderr, flush=True)
+    return result["status"]
+
+
+def main(cfg: DictConfig) -> dict:
+    """Hydra task function body: work out the cell from Hydra's runtime, then run it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    name, cell = cell_identity(cfg, overrides)
+    multirun = hc.mode == RunMode.MULTIRUN
+    cell_dir = Path(hc.runtime.output_dir) if multirun else Path(hc.runtime.output_dir) / cell
+    if cfg.dry_run:
+        print(f"{cell}  {' '.join(overrides)}", flush=True)
+        return {"status": "dry_run", "cell": cell, "run_dir": str(cell_dir)}
+    return run_cell(cfg, cell_dir.resolve(), variant_name=name, cell=cell,
+                    sweep=str(cfg.sweep_name) if multirun else "run")
+
+

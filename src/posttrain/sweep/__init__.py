@@ -1,0 +1,1 @@
+"""What spans runs: cell identity and skip-completed, sweep files, dry run, status/wait, the Slurm launcher."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: one session-scoped tiny base (built once, cached), a small self-play data block, helpers
+to run ``launch.py`` as a user would, and skips for optional hardware (slurm, gpu)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Overrides that keep an end-to-end tiny run to seconds once the base is cached (documented in the README).
+FAST = ["logger=none", "data.num_prompts=64", "trainer.max_steps=4", "eval.limit=20"]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA (no GPU on this machine)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """(model_dir, tokenizer_dir) of the tiny-s base: built once per cache root, then reused."""
+    from omegaconf import OmegaConf
+
+    from posttrain.models.tiny import ensure_tiny_base
+
+    build = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/scale/tiny-s.yaml").build)
+    return ensure_tiny_base(build)
+
+
+def launch(args: list[str], cwd: Path, env: dict | None = None, check: bool = False,
+           timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python launch.py ARGS`` from ``cwd`` (outputs land under cwd/outputs)."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"output_root={cwd}/outputs", *args],
+                          cwd=cwd, env=full_env, text=True, capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
