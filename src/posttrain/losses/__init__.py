@@ -9,5 +9,5 @@
 
 from posttrain.losses.supervised import token_nll  # noqa: F401
 from posttrain.losses.pairwise import PAIRWISE_LOSSES, pairwise  # noqa: F401
-from posttrain.losses.unpaired import UNPAIRED_LOSSES, unpaired  # noqa: F401
+from posttrain.losses.unpaired import UNPAIRED_LOSSES, kto_kl_anchor, unpaired  # noqa: F401
 from posttrain.losses.policy_gradient import POLICY_GRADIENT_LOSSES, policy_gradient  # noqa: F401

@@ -1,0 +1,120 @@
+"""The one training loop: accumulation does not change the result, resume equals uninterrupted, references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from posttrain.algorithms import get
+from posttrain.data.tokenizer import build_char_tokenizer
+from posttrain.losses import token_nll
+from posttrain.models.loading import Reference
+from posttrain.train import CHECKPOINT_FILE, plan, train
+
+PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {2 * i}",
+          "rejected": f" {2 * i + 1}\n#### {2 * i + 1}"} for i in range(12)]
+SFT = [{"prompt": p["prompt"], "completion": p["chosen"] + "x" * (i % 5)} for i, p in enumerate(PAIRS)]
+
+
+def _trainer(**kw):
+    base = dict(lr=1e-3, epochs=2, micro_batch_size=4, grad_accum=1, max_steps=None, warmup_ratio=0.1,
+                schedule="cosine", betas=[0.9, 0.95], eps=1e-8, weight_decay=0.01, max_grad_norm=1.0,
+                checkpoint_every=0, log_every=1)
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_char_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _model(tok, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                        max_position_embeddings=128, tie_word_embeddings=True))
+
+
+def _run(tok, algo, examples, trainer, model=None, **kw):
+    model = model or _model(tok)
+    spec = get(algo)
+    ref = Reference(model if spec.needs_reference({}) else None)
+    state = train(model, ref, tok, spec, {}, examples, trainer, max_length=64, seed=0, progress=False, **kw)
+    return model, state, ref
+
+
+def test_token_nll_is_a_mean_over_all_tokens_of_the_accumulated_batch():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert token_nll(lp, mask).item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert token_nll(lp, mask, num_items=8).item() == pytest.approx(10 / 8)
+
+
+@pytest.mark.parametrize("algo,examples", [("sft", SFT), ("dpo", PAIRS)])
+def test_gradient_accumulation_gives_the_same_run_as_one_big_micro_batch(tok, algo, examples):
+    big, s1, _ = _run(tok, algo, examples, _trainer(micro_batch_size=4, grad_accum=1))
+    small, s2, _ = _run(tok, algo, examples, _trainer(micro_batch_size=2, grad_accum=2))
+    assert s1.step == s2.step == 6
+    for (_, a), (_, b) in zip(s1.loss_curve, s2.loss_curve):
+        assert a == pytest.approx(b, abs=1e-5)
+    for p, q in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tok, tmp_path):
+    full_model, full, _ = _run(tok, "dpo", PAIRS, _trainer(epochs=3))
+    # interrupted: killed during step 5 (after a checkpoint at step 4), then resumed from a fresh model
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+
+    class Preempted(Exception):
+        pass
+
+    def cut(metrics, step):
+        if step == 5:
+            raise Preempted
+
+    with pytest.raises(Preempted):
+        _run(tok, "dpo", PAIRS, _trainer(epochs=3, checkpoint_every=2), checkpoint_dir=ckpt, log=cut)
+    assert (ckpt / CHECKPOINT_FILE).exists()
+    saved = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+    assert saved["state"]["step"] == 4, "the last checkpoint before the cut"
+    resumed_model, resumed, _ = _run(tok, "dpo", PAIRS, _trainer(epochs=3, checkpoint_every=2),
+                                     checkpoint_dir=ckpt)
+    assert resumed.step == full.step == 9
+    assert [s for s, _ in resumed.loss_curve] == list(range(1, 10))
+    for (_, a), (_, b) in zip(full.loss_curve, resumed.loss_curve):
+        assert a == pytest.approx(b, abs=1e-6)
+    for p, q in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_free_algorithms_never_run_a_reference_forward(tok):
+    _, _, ref = _run(tok, "simpo", PAIRS, _trainer(max_steps=2))
+    assert ref.calls == 0 and not ref.enabled
+    _, _, ref = _run(tok, "dpo", PAIRS, _trainer(max_steps=2))
+    assert ref.calls == 2
+
+
+def test_reference_copy_stays_frozen_while_the_policy_moves(tok):
+    model = _model(tok)
+    initial = copy.deepcopy(model.state_dict())
+    spec = get("dpo")
+    ref = Reference(model)
+    train(model, ref, tok, spec, {}, PAIRS, _trainer(max_steps=3), max_length=64, seed=0, progress=False)
+    with ref.active() as frozen:
+        for name, value in frozen.state_dict().items():
+            torch.testing.assert_close(value, initial[name])
+    assert any(not torch.equal(p, initial[n]) for n, p in model.state_dict().items())
+
+
+def test_plan_counts_steps_and_refuses_empty_data():
+    assert plan(12, _trainer()) == (3, 6)
+    assert plan(12, _trainer(max_steps=4)) == (3, 4)
+    with pytest.raises(ValueError, match="no training examples"):
+        plan(0, _trainer())
