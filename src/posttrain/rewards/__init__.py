@@ -7,3 +7,15 @@ from posttrain.rewards.answers import (  # noqa: F401
     extract_strict,
     normalize_answer,
 )
+from posttrain.rewards.functions import (  # noqa: F401
+    REWARD_FUNCTIONS,
+    compute_rewards,
+    flexible_reward,
+    format_reward,
+    is_correct_flexible,
+    is_correct_strict,
+    is_well_formatted,
+    overlong_penalty,
+    strict_reward,
+    weighted_sum,
+)
