@@ -1,8 +1,9 @@
 """THE training loop, shared by every algorithm (the study's point: identical infrastructure).
 
 Read top to bottom: plan the steps, build the engine, (resume), then for each optimizer step take its
-micro-batches in a seeded order, ask the registry's family objective for each micro-batch's loss, backward,
-step, log, checkpoint. Nothing here knows an algorithm's name; the registry entry says which family objective,
+micro-batches in a seeded order, let the family prepare them (offline: tokenise; online: the rollout phase,
+generate from the current policy, score, compute advantages), ask the family objective for each micro-batch's
+loss, backward, step, log, checkpoint. Nothing here knows an algorithm's name; the registry entry says which family objective,
 which data kind and whether a reference is needed.
 
 Determinism: the example order of epoch e is a permutation seeded by (run seed, e), so a run resumed from a
@@ -22,8 +23,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.algorithms.objectives import OBJECTIVES, StepContext
-from posttrain.data.collate import collate
+from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, StepContext
 from posttrain.models.engine import TorchEngine
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -84,6 +84,7 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
           progress: bool = True) -> TrainState:
     """Post-train ``policy`` in place with ``algo`` on ``examples``; returns the training record."""
     objective = OBJECTIVES[algo.family]
+    prepare = PREPARERS[algo.family]
     steps_per_epoch, total = plan(len(examples), trainer)
     engine = TorchEngine(policy, trainer, total)
     state = TrainState()
@@ -95,7 +96,8 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
     bar = tqdm(total=total, initial=state.step, desc=f"training {algo.name}", unit="step", disable=not progress)
     for micro_batches in step_batches(examples, trainer, seed, state.step, total):
         started = time.perf_counter()
-        batches = [collate(algo.data, tokenizer, mb, max_length) for mb in micro_batches]
+        batches, rollout_stats = prepare(policy, reference, tokenizer, algo, hparams, micro_batches,
+                                         max_length=max_length, seed=seed, step=state.step)
         ctx = StepContext(examples=sum(len(mb) for mb in micro_batches),
                           tokens=int(sum(b["completion_mask"][:, 1:].sum() for b in batches)))
         step_loss, stats = 0.0, {}
@@ -111,9 +113,12 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
         state.tokens += int(sum(b["attention_mask"].sum() for b in batches))
         state.seconds += time.perf_counter() - started
         state.loss_curve.append([state.step, round(step_loss, 6)])
+        if "reward_mean" in rollout_stats:
+            state.reward_curve.append([state.step, round(float(rollout_stats["reward_mean"]), 6)])
         if log is not None and (state.step % int(trainer.log_every or 1) == 0 or state.step == total):
             log({"train/loss": step_loss, "train/lr": engine.lr, "train/grad_norm": grad_norm,
-                 "train/epoch": state.step / steps_per_epoch, **{f"train/{k}": v for k, v in stats.items()}},
+                 "train/epoch": state.step / steps_per_epoch, **{f"train/{k}": v for k, v in stats.items()},
+                 **{f"rollout/{k}": v for k, v in rollout_stats.items()}},
                 state.step)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")

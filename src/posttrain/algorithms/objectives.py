@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain import losses
+from posttrain.data.collate import collate
 
 
 @dataclass(frozen=True)
@@ -79,5 +80,12 @@ def unpaired(policy, reference, batch, algo, hparams, ctx):
     return per_example.sum() / ctx.examples, {"kl_anchor": float(anchor), "logps/completion": seq[:n].mean().item()}
 
 
+def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step):
+    """Offline families: tokenise each micro-batch of examples; no rollout statistics."""
+    return [collate(algo.data, tokenizer, mb, max_length) for mb in micro_batches], {}
+
+
 #: Family -> objective. The loop looks the family up here; there is no chain over algorithm names.
 OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "unpaired": unpaired}
+#: Family -> how a step's examples become batches (online families add their rollout phase here).
+PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": offline_batches}
