@@ -1,7 +1,129 @@
-"""Placeholder: the unpaired (KTO-family) losses are being written (issue 4)."""
+"""Unpaired binary-feedback (KTO-family) losses (ALGORITHMS.md section 3).
 
-UNPAIRED_LOSSES: dict = {}
+Entry point::
+
+    unpaired(name, policy_logps, ref_logps, desirable, *, kl_anchor, lengths=None, **hparams) -> Tensor[B]
+
+``policy_logps`` / ``ref_logps`` are SUMMED completion log-probs [B]; ``desirable`` a bool tensor [B] (True =
+desirable / chosen); ``kl_anchor`` KTO's detached reference point z0 (compute it with :func:`kto_kl_anchor` from
+mismatched prompt/completion pairs; losses that do not use it accept None); ``lengths`` the completion lengths
+(no current loss needs them). Returns one loss per example; TRL's loss is its mean.
+
+``UNPAIRED_LOSSES[name]`` is a :class:`LossSpec` with the same attributes as ``PAIRWISE_LOSSES``; ``needs_kl_anchor``
+says whether the caller has to run the mismatched forward passes at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.losses._common import LossSpec, as_float, check_hparams, logsigmoid, lookup
+
+Tensor = torch.Tensor
 
 
-def unpaired(name, policy_logps, ref_logps, desirable, *, kl_anchor, lengths=None, **hparams):
-    raise ValueError(f"unknown unpaired loss {name!r}; known: {sorted(UNPAIRED_LOSSES)}")
+@dataclass(frozen=True)
+class Unpaired:
+    """One batch of unpaired examples as the loss functions see them: ``logratio = S_theta - S_ref`` [B],
+    ``desirable`` bool [B], ``kl_anchor`` a detached scalar tensor or None, ``lengths`` float [B] or None."""
+
+    logratio: Tensor
+    desirable: Tensor
+    kl_anchor: Tensor | None = None
+    lengths: Tensor | None = None
+
+
+def kto_kl_anchor(policy_mismatched_logps: Tensor, ref_mismatched_logps: Tensor) -> Tensor:
+    """KTO's reference point ``z0 = max(0, mean(S_theta(y'|x) - S_ref(y'|x)))`` over MISMATCHED pairs (prompt x_i
+    with another example's completion, e.g. rotated by one inside the per-device batch), detached, as a 0-d tensor.
+
+    Pure: averaging across processes (TRL gathers the mean before clamping) is the caller's job -- gather the
+    per-process means, average, then clamp at 0 (or call this on the gathered log-probs).
+    """
+    diff = as_float(policy_mismatched_logps).detach() - as_float(ref_mismatched_logps).detach()
+    return diff.mean().clamp(min=0.0)
+
+
+def kto(x: Unpaired, *, beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al., ICML 2024, arXiv 2402.01306, eq. 7) as TRL ``loss_type='kto'``: with ``r = rho(y)``,
+    desirable ``lambda_d * (1 - sigmoid(beta (r - z0)))``, undesirable ``lambda_u * (1 - sigmoid(beta (z0 - r)))``
+    (lambda_d/lambda_u = TRL ``desirable_weight``/``undesirable_weight``; choose them so that
+    ``lambda_d n_d / (lambda_u n_u)`` lies in [1, 4/3]). z0 is treated as a constant."""
+    if x.kl_anchor is None:
+        raise ValueError("kto needs kl_anchor (z0 from kto_kl_anchor on mismatched pairs)")
+    z0 = x.kl_anchor
+    des = lambda_d * (1.0 - torch.sigmoid(beta * (x.logratio - z0)))
+    und = lambda_u * (1.0 - torch.sigmoid(beta * (z0 - x.logratio)))
+    return torch.where(x.desirable, des, und)
+
+
+def apo_zero_unpaired(x: Unpaired, *, beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0) -> Tensor:
+    """Unpaired APO-zero (D'Oosterlinck et al., TACL 2025, arXiv 2408.06266) as TRL KTOTrainer
+    ``loss_type='apo_zero_unpaired'``: desirable ``lambda_d (1 - sigmoid(beta r))``, undesirable
+    ``lambda_u sigmoid(beta r)``; no z0 (TRL applies its desirable/undesirable weights here too)."""
+    des = lambda_d * (1.0 - torch.sigmoid(beta * x.logratio))
+    und = lambda_u * torch.sigmoid(beta * x.logratio)
+    return torch.where(x.desirable, des, und)
+
+
+def bco(x: Unpaired, *, beta: float = 0.1, delta: float | Tensor = 0.0) -> Tensor:
+    """Unpaired BCO (Jung et al. 2024, arXiv 2404.04656): a logistic classifier on the implicit reward
+    ``beta r`` shifted by ``delta``: desirable ``-logsigmoid(beta r - delta)``, undesirable
+    ``-logsigmoid(-(beta r - delta))``. The paper's delta is a running mean of all implicit rewards (detached, updated
+    each step); the caller keeps it and passes it in, so the function stays pure. The UDM density-ratio weights of
+    TRL's experimental BCO trainer are not included."""
+    z = beta * x.logratio - torch.as_tensor(delta, dtype=x.logratio.dtype, device=x.logratio.device).detach()
+    return torch.where(x.desirable, -logsigmoid(z), -logsigmoid(-z))
+
+
+UNPAIRED_LOSSES: dict[str, LossSpec] = {
+    "kto": LossSpec(kto, needs_kl_anchor=True),
+    "apo_zero_unpaired": LossSpec(apo_zero_unpaired),
+    "bco": LossSpec(bco),
+}
+
+
+def unpaired(
+    name: str,
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    *,
+    kl_anchor: Tensor | float | None,
+    lengths: Tensor | None = None,
+    **hparams,
+) -> Tensor:
+    """Per-example loss [B] of the unpaired loss ``name`` (see the module docstring and ``UNPAIRED_LOSSES``).
+
+    Raises ValueError for an unknown name (listing the known ones), an unknown hyperparameter (naming it and the
+    accepted ones), missing reference log-probs, a missing ``kl_anchor`` where the loss needs it, and mismatched
+    shapes.
+    """
+    spec = lookup(UNPAIRED_LOSSES, name, "unpaired")
+    check_hparams(spec, name, "unpaired", hparams)
+    if "beta" in hparams and not hparams["beta"] > 0:
+        raise ValueError(f"{name}: beta must be > 0, got {hparams['beta']}")
+    if ref_logps is None:
+        raise ValueError(f"unpaired loss {name!r} needs reference log-probs (ref_logps)")
+    p, r = as_float(policy_logps), as_float(ref_logps)
+    if p.dim() != 1 or r.shape != p.shape:
+        raise ValueError(
+            f"policy_logps and ref_logps must be 1-D [B] of the same shape, got {tuple(p.shape)} and {tuple(r.shape)}"
+        )
+    d = torch.as_tensor(desirable, device=p.device)
+    if d.dtype != torch.bool:
+        if d.is_floating_point() or not ((d == 0) | (d == 1)).all():
+            raise ValueError("desirable must be a bool tensor [B] (or 0/1 integers)")
+        d = d.bool()
+    if d.shape != p.shape:
+        raise ValueError(f"desirable has shape {tuple(d.shape)}, expected {tuple(p.shape)}")
+    if spec.needs_kl_anchor and kl_anchor is None:
+        raise ValueError(f"unpaired loss {name!r} needs kl_anchor (z0); compute it with kto_kl_anchor")
+    z0 = None if kl_anchor is None else torch.as_tensor(kl_anchor, dtype=p.dtype, device=p.device).detach()
+    lens = None if lengths is None else torch.as_tensor(lengths, device=p.device).to(p.dtype).clamp(min=1.0)
+    return spec.fn(Unpaired(p - r, d, z0, lens), **hparams)
+
+
+__all__ = ["UNPAIRED_LOSSES", "Unpaired", "kto_kl_anchor", "unpaired"]
