@@ -1,0 +1,113 @@
+"""sweep.json: what a multirun launched, so that status works for any launcher (shared/DESIGN.md, "Contracts").
+
+    {"sweep": <name>, "launcher": <name>,
+     "cells": [{"cell": <cell dir relative to the sweep dir>, "run_dir": <absolute cell dir>,
+                "overrides": [<override strings>], "job_id": <str or null>, "submitted": <ISO time>}, ...]}
+
+Every multirun writes it in the sweep directory, whatever its launcher: the Slurm launcher with the job ids it got
+back, local (basic-launcher) multiruns with ``job_id`` null. A later launch into the same directory merges into it:
+entries of the cells it launches again are replaced, the others are kept. Writes are atomic and serialised by a lock
+file beside sweep.json, so concurrent launches into one sweep directory cannot lose each other's cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from filelock import FileLock
+
+from posttrain.results import write_json_atomic
+
+MANIFEST_FILE = "sweep.json"
+ENTRY_KEYS = ("cell", "run_dir", "overrides", "job_id", "submitted")
+
+
+def now_iso() -> str:
+    """The current time as ISO 8601 with the local UTC offset, to the second."""
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def manifest_path(sweep_dir: str | os.PathLike) -> Path:
+    return Path(sweep_dir) / MANIFEST_FILE
+
+
+def make_entry(sweep_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
+               cell: str | None = None, overrides: Iterable[str] = (), job_id: Any = None,
+               submitted: str | None = None) -> dict:
+    """One sweep.json cell entry from either the cell directory or its path relative to the sweep directory."""
+    sweep_dir = Path(sweep_dir).absolute()
+    if run_dir is None and cell is None:
+        raise ValueError("a sweep.json entry needs run_dir or cell")
+    if run_dir is None:
+        run_dir = sweep_dir / str(cell)
+    run_dir = Path(run_dir)
+    if not run_dir.is_absolute():
+        run_dir = Path(os.path.abspath(run_dir))
+    if cell is None:
+        try:
+            cell = run_dir.relative_to(sweep_dir).as_posix()
+        except ValueError as exc:
+            raise ValueError(f"cell directory {run_dir} is not inside the sweep directory {sweep_dir}") from exc
+    return {
+        "cell": str(cell),
+        "run_dir": str(run_dir),
+        "overrides": [str(o) for o in overrides],
+        "job_id": None if job_id is None else str(job_id),
+        "submitted": submitted or now_iso(),
+    }
+
+
+def _normalise(sweep_dir: Path, entry: Mapping[str, Any]) -> dict:
+    return make_entry(sweep_dir, entry.get("run_dir"), cell=entry.get("cell"),
+                      overrides=entry.get("overrides") or (), job_id=entry.get("job_id"),
+                      submitted=entry.get("submitted"))
+
+
+def read_manifest(sweep_dir: str | os.PathLike) -> dict | None:
+    """sweep.json of ``sweep_dir`` as a dict, or None when there is none. Raises ValueError on a corrupt file."""
+    path = manifest_path(sweep_dir)
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+        raise ValueError(f"{path}: not a sweep manifest (no 'cells' list)")
+    return data
+
+
+def write_manifest(sweep_dir: str | os.PathLike, entries: Iterable[Mapping[str, Any]], *,
+                   sweep: str | None = None, launcher: str | None = None) -> Path:
+    """Merge ``entries`` into ``sweep_dir/sweep.json`` (created if missing) and write it atomically.
+
+    Each entry needs ``run_dir`` (absolute or relative to the current directory) or ``cell`` (relative to the
+    sweep directory); the other is derived. ``overrides`` defaults to [], ``job_id`` to None, ``submitted`` to now.
+    An entry replaces an existing one for the same cell; cells not named here are kept, in their order, and new
+    cells are appended. ``sweep`` defaults to the existing name or the directory's name, ``launcher`` to the
+    existing one or "basic".
+    """
+    sweep_dir = Path(sweep_dir).absolute()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    new = [_normalise(sweep_dir, e) for e in entries]
+    with FileLock(str(manifest_path(sweep_dir)) + ".lock"):
+        current = read_manifest(sweep_dir) or {}
+        cells: dict[str, dict] = {}
+        for old in current.get("cells", []):
+            if isinstance(old, Mapping) and old.get("cell") is not None:
+                cells[str(old["cell"])] = dict(old)
+        for entry in new:
+            cells[entry["cell"]] = entry  # dict keeps first-insertion order, so a replaced cell keeps its place
+        payload = {
+            "sweep": sweep or current.get("sweep") or sweep_dir.name,
+            "launcher": launcher or current.get("launcher") or "basic",
+            "cells": list(cells.values()),
+        }
+        path = manifest_path(sweep_dir)
+        write_json_atomic(path, payload)
+    return path
