@@ -66,13 +66,25 @@ def _entries(*algos: Algorithm) -> dict[str, Algorithm]:
     return {a.name: a for a in algos}
 
 
+#: The study's taxonomy of its 20 DPO variants (issue 4 / OXRL); every other offline variant is "other".
+TAXONOMY = {
+    "vanilla": ("dpo",),
+    "reference-free": ("orpo", "cpo", "simpo", "alphapo"),
+    "alternative divergence": ("ipo", "gpo", "hinge", "rdpo"),
+    "weighting/calibration": ("dpop", "caldpo", "focalpo", "betadpo"),
+    "robustness": ("robust_dpo", "cdpo"),
+    "data augmentation": ("sppo", "odpo", "apo_zero", "exo"),
+    "unpaired": ("kto",),
+}
+_CATEGORY = {name: category for category, names in TAXONOMY.items() for name in names}
+
 ALGORITHMS: dict[str, Algorithm] = _entries(
     Algorithm("sft", "supervised", None, "selfplay_chosen", "supervised"),
     Algorithm("gold_sft", "supervised", None, "gold", "supervised"),
-    Algorithm("dpo", "pairwise", "dpo", "pairs", "vanilla"),
-    Algorithm("ipo", "pairwise", "ipo", "pairs", "alternative divergence"),
-    Algorithm("simpo", "pairwise", "simpo", "pairs", "reference-free"),
+    *(Algorithm(name, "pairwise", name, "pairs", _CATEGORY.get(name, "other")) for name in losses.PAIRWISE_LOSSES),
     Algorithm("kto", "unpaired", "kto", "unpaired", "unpaired"),
+    Algorithm("apo_zero_unpaired", "unpaired", "apo_zero_unpaired", "unpaired", "other"),
+    Algorithm("bco_unpaired", "unpaired", "bco", "unpaired", "other"),
 )
 
 
