@@ -35,6 +35,8 @@ class SweepCallback(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         launcher = str(config.hydra.launcher.get("_target_", "basic")).rsplit(".", 1)[-1]
+        if not self.outcomes:  # a submitting launcher (Slurm): the jobs run elsewhere and it wrote sweep.json
+            return
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         entries = [{"cell": o["cell"], "run_dir": o["run_dir"], "overrides": o["overrides"], "job_id": None,
                     "submitted": now} for o in self.outcomes if "cell" in o]
