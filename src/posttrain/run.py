@@ -114,6 +114,18 @@ def _scrubbed_config(cfg: DictConfig) -> dict:
     return scrub(OmegaConf.to_container(cfg, resolve=True))
 
 
+def quiet_libraries() -> None:
+    """Keep a run's output to our progress bars and summary: no per-shard bars or known-harmless warnings."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("lm_eval", "lm-eval", "datasets", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def base_scores(loaded, cfg: DictConfig) -> dict:
     """lm-eval scores of the untrained base, cached per (base, eval settings)."""
     from posttrain.cache import cached_json
@@ -137,6 +149,7 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     from posttrain.models.loading import Reference, add_lora, load_policy, save_model
     from posttrain.train import train
 
+    quiet_libraries()
     seed = int(cfg.seed)
     loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code))
     if cfg.eval.base_scores:

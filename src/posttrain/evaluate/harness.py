@@ -100,7 +100,8 @@ def evaluate_lm(lm, eval_cfg, *, seed: int = 0) -> dict[str, dict[str, float]]:
         raise ValueError(f"unknown embedded task(s) {unknown_embedded}; known: {sorted(EMBEDDED)}")
     include = [str(embedded_task_dir(int(eval_cfg.max_gen_toks)))] if set(tasks) & EMBEDDED else None
     task_manager = TaskManager(include_path=include, include_defaults=bool(set(tasks) - EMBEDDED))
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    for name in ("lm_eval", "lm-eval"):  # its "model is not a str" warnings are expected for in-memory models
+        logging.getLogger(name).setLevel(logging.ERROR)
     results: dict[str, dict[str, float]] = {}
     for shots, group in _fewshot_groups(tasks, eval_cfg.num_fewshot).items():
         out = lm_eval.simple_evaluate(
