@@ -40,7 +40,7 @@ def launch(args: list[str], cwd: Path, env: dict | None = None, check: bool = Fa
            timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``python launch.py ARGS`` from ``cwd`` (outputs land under cwd/outputs)."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"output_root={cwd}/outputs", *args],
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args, f"output_root={cwd}/outputs"],
                           cwd=cwd, env=full_env, text=True, capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -65,6 +65,7 @@ def step_batches(examples: list, trainer, seed: int, start_step: int, total: int
 
 
 def _save_checkpoint(path: Path, engine, state: TrainState) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"engine": engine.state_dict(), "state": asdict(state), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate()}, tmp)
