@@ -170,7 +170,8 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
         "steps": state.step, "examples": state.examples, "tokens": state.tokens, "seconds": round(state.seconds, 3),
         "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
         "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
-        "reward_curve": state.reward_curve, "reference_forwards": reference.calls, "dataset_size": len(examples)}
+        "reward_curve": state.reward_curve, "reference_forwards": reference.calls, "dataset_size": len(examples),
+        "resumed_from": state.resumed_from}
     if cfg.get("save_model"):
         save_model(policy, loaded.tokenizer, cell_dir / "model")
     eval_model = policy.merge_and_unload() if cfg.lora.enabled else policy

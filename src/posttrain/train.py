@@ -37,6 +37,7 @@ class TrainState:
     seconds: float = 0.0
     loss_curve: list = field(default_factory=list)  # [[step, loss], ...]
     reward_curve: list = field(default_factory=list)  # [[step, mean reward], ...] (online methods)
+    resumed_from: int | None = None  # the checkpoint step this run resumed from (preemption, time-out), if any
 
 
 def plan(n_examples: int, trainer) -> tuple[int, int]:
@@ -92,6 +93,7 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
     ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if ckpt_path is not None and ckpt_path.exists():
         state = _load_checkpoint(ckpt_path, engine)
+        state.resumed_from = state.step
     every = int(trainer.checkpoint_every or 0)
     policy.train()
     bar = tqdm(total=total, initial=state.step, desc=f"training {algo.name}", unit="step", disable=not progress)

@@ -1,0 +1,85 @@
+"""The real pipeline (launch.py -> run.py -> train -> lm-eval) through the real local Slurm scheduler.
+
+tests/test_slurm.py checks the launcher's scheduling behaviour with a light app; this file sends the actual tiny
+runs through sbatch: a 6-cell grid completes to result.json files, and a real run preempted mid-training (USR2) is
+requeued by submitit and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, ROOT, read_json
+from posttrain.sweep.manifest import read_manifest
+from posttrain.sweep.status import collect_status
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_slurm(tiny_base):
+    proc = subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "status"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"local Slurm is down ({proc.stdout.strip()}); start it with scripts/local_slurm.sh up")
+
+
+def _launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "-m", *args, "hydra/launcher=slurm_local",
+                           f"output_root={tmp_path}/outputs"], cwd=tmp_path, text=True, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _wait(sweep: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "posttrain.sweep", "wait", str(sweep), "--interval", "2",
+                           "--timeout", str(timeout)], text=True, capture_output=True, timeout=timeout + 60)
+
+
+def test_six_tiny_cells_run_through_slurm_to_completed_results(tmp_path):
+    started = time.monotonic()
+    _launch(tmp_path, "algo=sft,dpo,simpo", "seed=0,1", *FAST)
+    assert time.monotonic() - started < 120, "the launch returns once the cells are submitted"
+    sweep = tmp_path / "outputs/grid"
+    cells = read_manifest(sweep)["cells"]
+    assert len(cells) == 6 and all(c["job_id"] for c in cells)
+    waited = _wait(sweep)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert waited.stdout.strip().splitlines()[-1] == \
+        "completed=6 failed=0 cancelled=0 running=0 pending=0 missing=0"
+    for cell in cells:
+        result = read_json(Path(cell["run_dir"]) / "result.json")
+        assert result["status"] == "completed" and result["train"]["steps"] == 4
+        assert result["provenance"]["hardware"]["torch_threads"] == 1, "threads follow Slurm's CPU allotment"
+    # relaunching the completed grid submits nothing
+    proc = _launch(tmp_path, "algo=sft,dpo,simpo", "seed=0,1", *FAST)
+    assert "Submitted 0 cell(s)" in proc.stdout + proc.stderr
+
+
+def test_preempted_real_run_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
+    args = ["algo=sft", "logger=none", "data.num_prompts=64", "trainer.epochs=50", "trainer.max_steps=300", "trainer.micro_batch_size=2",
+            "trainer.checkpoint_every=5", "eval.limit=10"]
+    _launch(tmp_path, *args)
+    sweep = tmp_path / "outputs/grid"
+    [cell] = read_manifest(sweep)["cells"]
+    ckpt = Path(cell["run_dir"]) / "checkpoint" / "checkpoint.pt"
+    deadline = time.monotonic() + 600
+    while not ckpt.exists():
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR2", cell["job_id"]], check=True, timeout=60)
+    waited = _wait(sweep)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    result = read_json(Path(cell["run_dir"]) / "result.json")
+    assert result["status"] == "completed" and result["train"]["steps"] == 300
+    assert result["train"]["resumed_from"] is not None and result["train"]["resumed_from"] >= 5
+    assert [s for s, _ in result["train"]["loss_curve"]] == list(range(1, 301)), "one continuous loss curve"
+    sacct = subprocess.run(["sacct", "-n", "-X", "-j", cell["job_id"].split("_")[0], "-o", "State", "-D"],
+                           text=True, capture_output=True).stdout
+    assert "REQUEUED" in sacct or "PREEMPTED" in sacct, sacct
+    assert [c.state for c in collect_status(sweep)] == ["completed"]
