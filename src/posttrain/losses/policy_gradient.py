@@ -64,7 +64,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-EXP_CLAMP = 50.0
+from posttrain.losses._common import EXP_CLAMP, clamped_exp as _exp  # noqa: F401 - one documented clamp
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 GRPO_LOSS_TYPES = {  # TRL loss_type -> aggregation (ALGORITHMS 5.2)
@@ -77,10 +78,6 @@ GRPO_LOSS_TYPES = {  # TRL loss_type -> aggregation (ALGORITHMS 5.2)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # building blocks
-
-
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp(x.clamp(-EXP_CLAMP, EXP_CLAMP))
 
 
 def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
