@@ -10,13 +10,18 @@ import hashlib
 import os
 import re
 
-SECRET_PATTERN = re.compile(r"(key|token|secret|password|passwd|credential)", re.IGNORECASE)
+SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"}
+
+
+def looks_secret(name: str) -> bool:
+    """``api_key``, ``hf_token``, ``WANDB_API_KEY``... but not ``tokenizer`` or ``max_new_tokens``."""
+    return any(part in SECRET_WORDS for part in re.split(r"[_.\-]", str(name).lower()))
 
 
 def scrub(value):
     """Drop every mapping entry whose name looks like a secret (api_key, hf_token, ...), recursively."""
     if isinstance(value, dict):
-        return {k: ("<redacted>" if SECRET_PATTERN.search(str(k)) else scrub(v)) for k, v in value.items()}
+        return {k: ("<redacted>" if looks_secret(k) else scrub(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [scrub(v) for v in value]
     return value
