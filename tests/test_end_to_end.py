@@ -143,3 +143,16 @@ def test_tokenizer_that_does_not_round_trip_is_refused_clearly(workdir, tiny_bas
     assert "scale.tokenizer" in str(info.value) and "Qwen2Tokenizer" in str(info.value)
     proc = launch([f"scale.model={together}", *FAST], workdir)
     assert proc.returncode == 1 and "does not round-trip" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gsm8k_format_training_file_goes_through_the_real_data_path(workdir, tmp_path):
+    from posttrain.data import synth
+
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in synth.problems("train", 64, seed=7)))
+    launch(["data.source=gsm8k", f"data.path={path}", *FAST], workdir, check=True)
+    result = next(p for p in (workdir / "outputs/run").rglob("result.json") if "data.source=gsm8k" in str(p)
+                  or "data.path" in str(p))
+    data = read_json(result)
+    assert data["status"] == "completed" and data["config"]["data"]["source"] == "gsm8k"
+    assert data["train"]["dataset_size"] > 0

@@ -56,16 +56,18 @@ def test_every_algo_scale_lora_combination_composes_and_resolves():
     algos = sorted(p.stem for p in (ROOT / "conf/algo").glob("*.yaml"))
     assert set(algos) == set(ALGORITHMS), "every registry entry has a conf/algo yaml and vice versa"
     hashes = set()
-    for algo, scale, lora in itertools.product(algos, SCALES, ["on", "off"]):
-        overrides = [f"algo={algo}", f"scale={scale}", f"lora={lora}"]
-        assert _compose(overrides, hydra=True).hydra.sweep.subdir == f"{algo}/{scale}/lora-{lora}/seed-0"
-        cfg = _compose(overrides)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert resolved["algo"]["name"] == algo and resolved["scale"]["name"] == scale
-        assert resolved["lora"]["enabled"] is (lora == "on")
-        assert resolved["trainer"]["lr"] == resolved["scale"]["lr"]
-        assert resolved["eval"]["tasks"], "the eval profile gives a task list"
-        hashes.add(config_hash(cfg))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for algo, scale, lora in itertools.product(algos, SCALES, ["on", "off"]):
+            cfg = compose("config", overrides=[f"algo={algo}", f"scale={scale}", f"lora={lora}"])
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            assert resolved["algo"]["name"] == algo and resolved["scale"]["name"] == scale
+            assert resolved["lora"]["enabled"] is (lora == "on")
+            assert resolved["trainer"]["lr"] == resolved["scale"]["lr"]
+            assert resolved["eval"]["tasks"], "the eval profile gives a task list"
+            hashes.add(config_hash(cfg))
+        for algo in algos:  # the cell directory Hydra will use, for every algorithm
+            cfg = compose("config", overrides=[f"algo={algo}", "lora=on"], return_hydra_config=True)
+            assert cfg.hydra.sweep.subdir == f"{algo}/tiny-s/lora-on/seed-0"
     assert len(hashes) == len(algos) * len(SCALES) * 2, "distinct configs have distinct hashes"
 
 

@@ -144,7 +144,7 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     import numpy as np
     import torch
 
-    from posttrain.data.selfplay import load_records, make_examples, selfplay_samples
+    from posttrain.data.selfplay import load_records, make_examples, selfplay_samples, training_problems
     from posttrain.evaluate.harness import evaluate
     from posttrain.models.loading import Reference, add_lora, load_policy, save_model
     from posttrain.train import train
@@ -154,7 +154,10 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code))
     if cfg.eval.base_scores:
         result["eval"]["base_metrics"] = base_scores(loaded, cfg)
-    records = load_records(selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data))
+    if algo.data == "prompts":  # online methods sample for themselves: no self-play generation needed
+        records = [{"prompt": p.prompt, "answer": p.answer} for p in training_problems(cfg.data)]
+    else:
+        records = load_records(selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data))
     examples = make_examples(records, algo.data, seed=int(cfg.data.seed), sft_source=str(cfg.data.sft_source))
 
     random.seed(seed)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain import losses
+from posttrain.algorithms.online import online, prepare_online
 from posttrain.data.collate import collate
 
 
@@ -86,6 +87,7 @@ def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, 
 
 
 #: Family -> objective. The loop looks the family up here; there is no chain over algorithm names.
-OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "unpaired": unpaired}
+OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "unpaired": unpaired, "online": online}
 #: Family -> how a step's examples become batches (online families add their rollout phase here).
-PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": offline_batches}
+PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": offline_batches,
+             "online": prepare_online}

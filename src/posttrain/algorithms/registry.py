@@ -8,7 +8,8 @@ they cannot drift from the function. Adding an algorithm = one entry here + its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from posttrain import losses
 
@@ -27,6 +28,10 @@ class Algorithm:
     loss: str | None  # name in the family's loss table (None for the supervised NLL)
     data: str  # selfplay_chosen | gold | pairs | unpaired | prompts
     category: str = "other"
+    #: Online family only: the settings that make this method what it is (its advantage estimator, which objective
+    #: runs on the samples, KL-in-reward coefficient, loss_type, ...), under the run's hparams (algo.* wins).
+    #: Read by posttrain.algorithms.online; conf/algo/<name>.yaml spells the same values out.
+    options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -35,13 +40,23 @@ class Algorithm:
             raise ValueError(f"{self.name}: unknown category {self.category!r}; known: {CATEGORIES}")
 
     @property
+    def objective(self) -> str:
+        """What runs on a micro-batch: the family's objective, or for the online family the objective applied to
+        the generated samples (policy_gradient | pairwise | supervised, from ``options``)."""
+        if self.family != "online":
+            return self.family
+        return str(self.options.get("objective", "policy_gradient"))
+
+    @property
     def loss_spec(self):
         table = {"pairwise": losses.PAIRWISE_LOSSES, "unpaired": losses.UNPAIRED_LOSSES,
-                 "online": losses.POLICY_GRADIENT_LOSSES}.get(self.family)
-        return None if table is None else table[self.loss]
+                 "policy_gradient": losses.POLICY_GRADIENT_LOSSES}.get(self.objective)
+        return None if table is None or self.loss is None else table[self.loss]
 
     @property
     def reference_free(self) -> bool:
+        if self.family == "online":
+            return not self.needs_reference({})  # at the entry's own settings (e.g. RLOO's KL in the reward)
         spec = self.loss_spec
         return True if spec is None else bool(getattr(spec, "reference_free", False))
 
@@ -51,10 +66,23 @@ class Algorithm:
         return bool(getattr(spec, "length_normalized", False)) if spec is not None else True
 
     def needs_reference(self, hparams: dict) -> bool:
-        """Reference forward passes are run only when this is true (reference-free losses never run one)."""
-        if self.family == "online":
-            return float(hparams.get("kl_coef", 0.0) or 0.0) != 0.0
-        return not self.reference_free
+        """Reference forward passes are run only when this is true (reference-free losses never run one).
+
+        Online: the policy-gradient loss's own need (``kl_coef != 0``, asked of the loss spec with only the keys it
+        accepts), or a KL folded into the reward (``reward_kl_coef != 0``: RLOO, REINFORCE++, PPO); pairwise
+        objectives on generated pairs (online DPO, SPIN) need one unless their loss is reference-free; the
+        supervised objective (RFT) never does.
+        """
+        if self.family != "online":
+            return not self.reference_free
+        hp = {**self.options, **dict(hparams or {})}
+        spec = self.loss_spec
+        if self.objective == "policy_gradient":
+            loss_hp = {k: v for k, v in hp.items() if k in spec.defaults}
+            return spec.needs_reference(**loss_hp) or float(hp.get("reward_kl_coef", 0.0) or 0.0) != 0.0
+        if self.objective == "pairwise":
+            return not spec.reference_free
+        return False
 
     def meta(self) -> dict:
         """The ``algo_meta`` block of result.json."""
@@ -64,6 +92,41 @@ class Algorithm:
 
 def _entries(*algos: Algorithm) -> dict[str, Algorithm]:
     return {a.name: a for a in algos}
+
+
+def _online(name: str, loss: str | None, data: str = "prompts", **options) -> Algorithm:
+    return Algorithm(name, "online", loss, data, "online", options=options)
+
+
+#: Online methods (ALGORITHMS.md 4-5): the preparer samples from the current policy, scores, and builds batches;
+#: ``options`` carry what distinguishes them (see posttrain.algorithms.online for every key).
+ONLINE = (
+    # the study's three (OXRL 5.6): group z-score advantages (eps 1e-8), 4 samples, kl_coef 0
+    _online("sgrpo", "sgrpo", advantage="group_zscore"),
+    _online("gspo", "gspo", advantage="group_zscore"),
+    _online("cispo", "cispo", advantage="group_zscore"),
+    # TRL GRPOTrainer (5.2): std eps 1e-4, loss_type dapo (its default)
+    _online("grpo", "grpo", advantage="group_zscore", adv_eps=1e-4),
+    # Dr. GRPO (5.3): no std scaling, sum / (B * max completion length)
+    _online("dr_grpo", "grpo", advantage="group_zscore", scale_rewards="none", loss_type="dr_grpo"),
+    # DAPO (5.4): clip-higher, dynamic sampling, token-level loss, overlong filtering + soft punishment
+    _online("dapo", "grpo", advantage="group_zscore", adv_eps=1e-4, loss_type="dapo", eps_low=0.2, eps_high=0.28,
+            dynamic_sampling=True, mask_truncated=True, overlong_buffer_frac=0.2),
+    # RLOO (5.7): leave-one-out baseline, KL in the (sequence) reward, TRL beta 0.05
+    _online("rloo", "rloo", advantage="leave_one_out", reward_kl_coef=0.05),
+    # REINFORCE++ (5.8): KL in the per-token reward, returns-to-go, global normalisation
+    _online("reinforce_pp", "reinforce_pp", advantage="reinforce_pp", reward_kl_coef=0.01),
+    # ReMax (5.9): one sample and one greedy decode per prompt, A = R - R_greedy
+    _online("remax", "remax", advantage="remax", num_samples=1),
+    # PPO (5.1): value head + GAE, KL (k1) in the per-token reward, TRL kl_coef 0.05
+    _online("ppo", "ppo", advantage="gae", reward_kl_coef=0.05),
+    # Online DPO (4.1): 2 samples, best vs worst by reward, DPO against the frozen reference
+    _online("online_dpo", "dpo", objective="pairwise", chosen="best_sample", num_samples=2),
+    # SPIN (4.2): chosen = the gold solution, rejected = a sample of the current policy
+    _online("spin", "dpo", data="gold", objective="pairwise", chosen="gold", num_samples=1),
+    # RFT (4.3): SFT on the samples that pass the verifier, de-duplicated
+    _online("rft", None, objective="supervised", keep_threshold=0.5),
+)
 
 
 #: The study's taxonomy of its 20 DPO variants (issue 4 / OXRL); every other offline variant is "other".
@@ -85,6 +148,7 @@ ALGORITHMS: dict[str, Algorithm] = _entries(
     Algorithm("kto", "unpaired", "kto", "unpaired", "unpaired"),
     Algorithm("apo_zero_unpaired", "unpaired", "apo_zero_unpaired", "unpaired", "other"),
     Algorithm("bco_unpaired", "unpaired", "bco", "unpaired", "other"),
+    *ONLINE,
 )
 
 
