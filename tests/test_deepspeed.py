@@ -1,0 +1,395 @@
+"""The same loop on DeepSpeed (ZeRO 0, 2, 3) on CPU with gloo: one and two ranks give the plain torch run.
+
+The DeepSpeed runs happen in worker processes (this file run as a script: ``python tests/test_deepspeed.py OUT``),
+so no process group or DeepSpeed state leaks into the pytest process: one process for world size 1, two for world
+size 2 (MASTER_ADDR/PORT, RANK, WORLD_SIZE set as torchrun would). Each worker runs every scenario once and writes
+its results; the tests compare them with the plain TorchEngine run computed here. The first DeepSpeed start on a
+fresh machine compiles an op (~40-70 s, cached under ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "deepspeed"
+STAGES = (0, 2, 3)
+WORKER_TIMEOUT = 600
+
+PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {2 * i}",
+          "rejected": f" {2 * i + 1}\n#### {2 * i + 1}"} for i in range(12)]
+# uneven completion lengths (so ranks see different token counts) and 10 examples (a short last step of 2)
+SFT = [{"prompt": p["prompt"], "completion": p["chosen"] + "x" * (3 * (i % 5))} for i, p in enumerate(PAIRS[:10])]
+PROMPT = "Question: 4+4?\nAnswer:"
+
+
+def trainer(**kw):
+    base = dict(lr=3e-3, epochs=1, micro_batch_size=2, grad_accum=2, max_steps=None, warmup_ratio=0.1,
+                schedule="cosine", betas=[0.9, 0.95], eps=1e-8, weight_decay=0.01, max_grad_norm=0.5,
+                checkpoint_every=0, log_every=1, dtype="float32")
+    return OmegaConf.create({**base, **kw})
+
+
+#: name -> (algo, examples, trainer overrides, lora)
+RUNS = {
+    "dpo": ("dpo", PAIRS, {}, False),
+    "sft": ("sft", SFT, {"epochs": 2}, False),
+    "dpo_lora": ("dpo", PAIRS, {"lr": 1e-2}, True),  # reference = the same network with its adapters disabled
+}
+RESUME = dict(epochs=3, checkpoint_every=2)  # 9 steps; cut during step 5, after the checkpoint at step 4
+RESUMES = {"zero2": (2, False), "zero3": (3, False), "zero3_lora": (3, True)}
+
+
+def ds_config(stage: int) -> dict:
+    """The shipped conf/deepspeed/zero<stage>.yaml; ZeRO-3 partitions even tiny tensors (so the test partitions)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"zero{stage}.yaml"))
+    if stage == 3:
+        cfg["zero"].update(stage3_param_persistence_threshold=0, model_persistence_threshold=0)
+    return cfg
+
+
+def tiny_model(vocab: int, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+                                        tie_word_embeddings=True))
+
+
+def run_train(tok, algo_name, examples, tr, *, lora=False, deepspeed=None, checkpoint_dir=None, log=None):
+    """(model, state, grad norms) of one run through posttrain.train.train."""
+    from posttrain.algorithms import get
+    from posttrain.models.loading import Reference, add_lora
+    from posttrain.train import train
+
+    model = tiny_model(len(tok))
+    if lora:
+        model = add_lora(model, OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}))
+    algo = get(algo_name)
+    reference = Reference(model if algo.needs_reference({}) else None, lora=lora)
+    norms = []
+
+    def record(metrics, step):
+        norms.append(metrics["train/grad_norm"])
+        if log is not None:
+            log(metrics, step)
+
+    state = train(model, reference, tok, algo, {}, examples, tr, max_length=64, seed=0, progress=False,
+                  checkpoint_dir=checkpoint_dir, log=record, deepspeed=deepspeed)
+    return model, state, norms
+
+
+def full_weights(model) -> dict:
+    from posttrain.models.engine import gathered
+
+    with gathered(model) as bare:
+        return {n: p.detach().clone() for n, p in bare.named_parameters() if p.requires_grad}
+
+
+def greedy(model, tok, max_new_tokens: int) -> list[int]:
+    enc = tok([PROMPT], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
+    return out[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------------- the worker
+
+def worker(out: Path) -> None:
+    """Every scenario on this rank's DeepSpeed engines; results to out/rank<r>.json (+ .pt weights)."""
+    torch.set_num_threads(1)
+    from posttrain.data.tokenizer import build_char_tokenizer
+    from posttrain.models.distributed import all_reduce_sum, is_main_process, setup_distributed
+    from posttrain.models.engine import gathered
+
+    info = setup_distributed()
+    tok = build_char_tokenizer(out / f"tok{info.rank}")
+    results, weights = {"rank": info.rank, "world_size": info.world_size, "source": info.source}, {}
+    for stage in STAGES:
+        for name, (algo, examples, overrides, lora) in RUNS.items():
+            model, state, norms = run_train(tok, algo, examples, trainer(**overrides), lora=lora,
+                                            deepspeed=ds_config(stage))
+            key = f"{name}/zero{stage}"
+            results[key] = {"loss_curve": state.loss_curve, "grad_norms": norms, "examples": state.examples,
+                            "tokens": state.tokens}
+            weights[key] = full_weights(model)
+            if stage == 3 and name == "dpo":
+                # every rank gathers; then each generates on its own, a different length per rank, and rank 0
+                # alone once more (a forward no other rank joins): must not hang
+                with gathered(model) as bare:
+                    results["generate"] = greedy(bare, tok, 6 + 5 * info.rank)
+                    if is_main_process():
+                        results["generate_rank0_only"] = greedy(bare, tok, 9)
+                # and training goes on afterwards: the partitions are intact
+                results["after_gather"] = all_reduce_sum([1.0])[0]
+    for key, (stage, lora) in RESUMES.items():
+        ckpt = out / f"ckpt_{key}"
+
+        class Preempted(Exception):
+            pass
+
+        def cut(metrics, step):
+            if step == 5:
+                raise Preempted
+
+        full_model, full, _ = run_train(tok, "dpo", PAIRS, trainer(**RESUME), lora=lora, deepspeed=ds_config(stage))
+        try:
+            run_train(tok, "dpo", PAIRS, trainer(**RESUME), lora=lora, deepspeed=ds_config(stage), checkpoint_dir=ckpt,
+                      log=cut)
+        except Preempted:
+            pass
+        saved = torch.load(ckpt / "checkpoint.pt", weights_only=False)
+        resumed_model, resumed, _ = run_train(tok, "dpo", PAIRS, trainer(**RESUME), lora=lora,
+                                              deepspeed=ds_config(stage), checkpoint_dir=ckpt)
+        results[f"resume/{key}"] = {
+            "full": full.loss_curve, "resumed": resumed.loss_curve, "resumed_from": resumed.resumed_from,
+            "saved_step": saved["state"]["step"],
+            "tags": sorted(p.name for p in (ckpt / "deepspeed").iterdir() if p.is_dir())}
+        weights[f"resume/{key}/full"] = full_weights(full_model)
+        weights[f"resume/{key}/resumed"] = full_weights(resumed_model)
+    torch.save(weights, out / f"rank{info.rank}.pt")
+    (out / f"rank{info.rank}.json").write_text(json.dumps(results))
+
+
+# ------------------------------------------------------------------------------------------------- the tests
+
+def _spawn(out: Path, world_size: int) -> list[dict]:
+    from posttrain.models.distributed import free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")}
+    base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if world_size > 1:
+        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size))
+    procs = []
+    for rank in range(world_size):
+        env = dict(base, **({"RANK": str(rank), "LOCAL_RANK": str(rank)} if world_size > 1 else {}))
+        log = open(out / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, __file__, str(out)], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=ROOT), log))
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=WORKER_TIMEOUT)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()  # a hang: kill what this test started
+            log.close()
+    for rank, (proc, _) in enumerate(procs):
+        if proc.returncode != 0:
+            tail = (out / f"rank{rank}.log").read_text()[-4000:]
+            raise AssertionError(f"rank {rank} of {world_size} exited {proc.returncode}:\n{tail}")
+    return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": torch.load(out / f"rank{r}.pt")}
+            for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from posttrain.data.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def plain(tok):
+    """The plain TorchEngine runs (this process: no DeepSpeed, no process group)."""
+    out = {}
+    for name, (algo, examples, overrides, lora) in RUNS.items():
+        model, state, norms = run_train(tok, algo, examples, trainer(**overrides), lora=lora)
+        out[name] = {"loss_curve": state.loss_curve, "grad_norms": norms, "examples": state.examples,
+                     "tokens": state.tokens, "weights": full_weights(model), "model": model}
+    return out
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["world1", "world2"])
+def ranks(request, tmp_path_factory):
+    return _spawn(tmp_path_factory.mktemp(f"ds_world{request.param}"), request.param)
+
+
+def _close_curves(got, want, tol=1e-5):
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=tol)
+
+
+def _close_weights(got: dict, want: dict, atol=1e-5):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("name", list(RUNS))
+def test_deepspeed_runs_the_same_training_as_the_plain_engine(ranks, plain, name, stage):
+    ref = plain[name]
+    for result in ranks:
+        got = result[f"{name}/zero{stage}"]
+        _close_curves(got["loss_curve"], ref["loss_curve"])
+        assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
+        assert (got["examples"], got["tokens"]) == (ref["examples"], ref["tokens"]), "counts over all ranks"
+        _close_weights(result["weights"][f"{name}/zero{stage}"], ref["weights"])
+
+
+@pytest.mark.slow
+def test_zero3_generates_inside_gathered_on_every_rank_without_hanging(ranks, plain, tok):
+    model = plain["dpo"]["model"]
+    for result in ranks:
+        r = result["rank"]
+        assert result["generate"] == greedy(model, tok, 6 + 5 * r), "the gathered weights are the trained ones"
+        assert result["after_gather"] == len(ranks), "every rank reached the collective after the context"
+    assert ranks[0]["generate_rank0_only"] == greedy(model, tok, 9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(RESUMES))
+def test_resume_from_a_deepspeed_checkpoint_equals_the_uninterrupted_run(ranks, key):
+    for result in ranks:
+        got = result[f"resume/{key}"]
+        assert got["saved_step"] == 4 and got["resumed_from"] == 4
+        assert len(got["full"]) == 9 and [s for s, _ in got["resumed"]] == list(range(1, 10))
+        _close_curves(got["resumed"], got["full"], tol=1e-6)
+        _close_weights(result["weights"][f"resume/{key}/resumed"], result["weights"][f"resume/{key}/full"], atol=1e-6)
+        assert got["tags"] == ["step6", "step8"], "only the newest two DeepSpeed tags are kept"
+
+
+@pytest.mark.slow
+def test_ranks_agree_and_come_from_the_environment(ranks):
+    world = len(ranks)
+    assert [r["rank"] for r in ranks] == list(range(world))
+    assert all(r["world_size"] == world for r in ranks)
+    assert {r["source"] for r in ranks} == {"single" if world == 1 else "torchrun"}
+    if world > 1:
+        _close_weights(ranks[1]["weights"]["dpo/zero3"], ranks[0]["weights"]["dpo/zero3"], atol=0)
+
+
+# ------------------------------------------------------------------------------------------------- fast unit tests
+
+def test_make_engine_is_the_torch_engine_unless_deepspeed_is_enabled(tok):
+    from posttrain.models.engine import TorchEngine, make_engine
+
+    model = tiny_model(len(tok))
+    assert isinstance(make_engine(model, trainer(), 3, None), TorchEngine)
+    assert isinstance(make_engine(model, trainer(), 3, OmegaConf.load(CONF / "none.yaml")), TorchEngine)
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero2", "zero3", "zero2_offload", "zero3_offload"])
+def test_deepspeed_config_comes_from_the_trainer_config(name):
+    from posttrain.models.engine import deepspeed_config, deepspeed_enabled
+
+    ds = OmegaConf.load(CONF / f"{name}.yaml")
+    assert deepspeed_enabled(ds)
+    tr = trainer(micro_batch_size=3, grad_accum=4, dtype="bfloat16")
+    cpu = deepspeed_config(tr, ds, world_size=2, cuda=False)
+    assert cpu["train_micro_batch_size_per_gpu"] == 3 and cpu["train_batch_size"] == 6
+    assert cpu["gradient_accumulation_steps"] == 1 and cpu["managed_gradient_accumulation"] is False
+    assert cpu["gradient_clipping"] == 0.5
+    assert cpu["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                             "weight_decay": 0.01, "torch_adam": True}}
+    assert cpu["bf16"] == {"enabled": False}, "fp32 on CPU"
+    assert cpu["zero_optimization"]["stage"] == ds.stage
+    offload = "offload" in name
+    assert cpu.get("zero_force_ds_cpu_optimizer", True) is not offload
+    gpu = deepspeed_config(tr, ds, world_size=8, cuda=True)
+    assert gpu["bf16"] == {"enabled": True} and gpu["train_batch_size"] == 24
+    assert gpu["optimizer"]["params"]["torch_adam"] is not offload, "DeepSpeed's CPU Adam for GPU + offload"
+    assert deepspeed_config(trainer(dtype="float32"), ds, world_size=1, cuda=True)["bf16"] == {"enabled": False}
+
+
+def test_deepspeed_config_rejects_unknown_keys_and_merges_extra_config():
+    from posttrain.models.engine import deepspeed_config
+
+    with pytest.raises(ValueError, match="unknown deepspeed option"):
+        deepspeed_config(trainer(), {"enabled": True, "stage": 2, "stgae3_prefetch": 1}, world_size=1, cuda=False)
+    with pytest.raises(ValueError, match="stage must be"):
+        deepspeed_config(trainer(), {"enabled": True, "stage": 4}, world_size=1, cuda=False)
+    cfg = deepspeed_config(trainer(), {"enabled": True, "stage": 2, "config": {"steps_per_print": 5,
+                                       "zero_optimization": {"round_robin_gradients": True}}}, world_size=1, cuda=False)
+    assert cfg["steps_per_print"] == 5 and cfg["zero_optimization"] == {"stage": 2, "round_robin_gradients": True}
+
+
+@pytest.mark.parametrize("n,micro,accum,world", [(12, 2, 2, 2), (10, 2, 2, 2), (9, 1, 4, 4), (13, 3, 2, 2),
+                                                 (5, 1, 8, 8), (7, 4, 2, 2)])
+def test_step_batches_shard_every_step_over_the_ranks(n, micro, accum, world):
+    from posttrain.train import plan, step_batches
+
+    examples = list(range(n))
+    tr = trainer(micro_batch_size=micro, grad_accum=accum, epochs=2)
+    total = plan(n, tr)[1]
+    single = list(step_batches(examples, tr, 0, 0, total))
+    shards = [list(step_batches(examples, tr, 0, 0, total, rank, world)) for rank in range(world)]
+    for step, whole in enumerate(single):
+        mine = [s[step] for s in shards]
+        counts = {len(m) for m in mine}
+        assert len(counts) == 1 and 0 not in counts, "every rank runs the same number of micro-batches"
+        assert all(0 < len(mb) <= micro for m in mine for mb in m)
+        flat = sorted(x for m in mine for mb in m for x in mb)
+        want = sorted(x for mb in whole for x in mb)
+        if len(want) >= world * len(mine[0]):
+            assert flat == want, "the ranks together see exactly the step's examples"
+        else:
+            assert set(flat) == set(want), "a step shorter than its slots repeats its own examples"
+        if len(want) == micro * accum:
+            assert sorted(mb for m in mine for mb in m) == sorted(whole), "full steps: the same micro-batches"
+
+
+def test_step_batches_refuse_accumulation_that_does_not_split_over_the_ranks():
+    from posttrain.train import step_batches
+
+    with pytest.raises(ValueError, match="multiple of the number of ranks"):
+        next(step_batches(list(range(8)), trainer(grad_accum=3), 0, 0, 2, 0, 2))
+
+
+def test_distributed_setup_reads_torchrun_slurm_or_nothing(monkeypatch):
+    from posttrain.models import distributed
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "SUBMITIT_EXECUTOR", "SLURM_JOB_ID")}
+    monkeypatch.setattr(os, "environ", dict(env))
+    info = distributed.discover()
+    assert (info.rank, info.world_size, info.source) == (0, 1, "single")
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"].isdigit()
+
+    monkeypatch.setattr(os, "environ", dict(env, RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", MASTER_ADDR="n1",
+                                            MASTER_PORT="29500"))
+    info = distributed.discover()
+    assert (info.rank, info.local_rank, info.world_size, info.source) == (3, 1, 4, "torchrun")
+
+    slurm = dict(env, SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_PROCID="5", SLURM_LOCALID="1",
+                 SLURM_NTASKS="8", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1")
+    monkeypatch.setattr(os, "environ", dict(slurm))
+    info = distributed.discover()
+    assert (info.rank, info.local_rank, info.world_size, info.source) == (5, 1, 8, "slurm")
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    assert os.environ["MASTER_PORT"] == str(distributed.PORT_BASE + 4242 % distributed.PORT_SPAN)
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("5", "1", "8")
+
+    monkeypatch.setattr(os, "environ", dict(slurm, SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1"))
+    info = distributed.discover()  # one task (the local Slurm's tiny runs): a free local port, not a derived one
+    assert (info.rank, info.world_size, info.source) == (0, 1, "slurm") and os.environ["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_gathered_is_a_no_op_without_zero3(tok):
+    from posttrain.models.engine import gathered
+
+    model = tiny_model(len(tok))
+    before = copy.deepcopy(model.state_dict())
+    with gathered(model) as bare:
+        assert bare is model
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
