@@ -146,13 +146,18 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
 
     from posttrain.data.selfplay import load_records, make_examples, selfplay_samples, training_problems
     from posttrain.evaluate.harness import evaluate
+    from posttrain.models.distributed import is_main_process
+    from posttrain.models.engine import deepspeed_enabled, gathered
     from posttrain.models.loading import Reference, add_lora, load_policy, save_model
     from posttrain.train import train
 
     quiet_libraries()
     seed = int(cfg.seed)
-    loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code))
-    if cfg.eval.base_scores:
+    main = is_main_process()
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code),
+                         device=device)
+    if cfg.eval.base_scores and main:
         result["eval"]["base_metrics"] = base_scores(loaded, cfg)
     if algo.data == "prompts":  # online methods sample for themselves: no self-play generation needed
         records = [{"prompt": p.prompt, "answer": p.answer} for p in training_problems(cfg.data)]
@@ -168,17 +173,21 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     reference = Reference(policy if algo.needs_reference(hparams) else None, lora=bool(cfg.lora.enabled))
     state = train(policy, reference, loaded.tokenizer, algo, hparams, examples, cfg.trainer,
                   max_length=int(cfg.data.max_length), seed=seed, log=tracker.log,
-                  checkpoint_dir=cell_dir / "checkpoint")
+                  checkpoint_dir=cell_dir / "checkpoint", progress=main,
+                  deepspeed=cfg.deepspeed if deepspeed_enabled(cfg.deepspeed) else None)
     result["train"] = {
         "steps": state.step, "examples": state.examples, "tokens": state.tokens, "seconds": round(state.seconds, 3),
         "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
         "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
         "reward_curve": state.reward_curve, "reference_forwards": reference.calls, "dataset_size": len(examples),
         "resumed_from": state.resumed_from}
-    if cfg.get("save_model"):
-        save_model(policy, loaded.tokenizer, cell_dir / "model")
-    eval_model = policy.merge_and_unload() if cfg.lora.enabled else policy
-    result["metrics"] = evaluate(eval_model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED)
+    with gathered(policy) as bare:  # ZeRO-3: every rank gathers the weights; rank 0 alone saves and evaluates
+        if not main:
+            return
+        if cfg.get("save_model"):
+            save_model(bare, loaded.tokenizer, cell_dir / "model")
+        eval_model = bare.merge_and_unload() if cfg.lora.enabled else bare
+        result["metrics"] = evaluate(eval_model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED)
     tracker.log({f"eval/{task}/{metric}": value for task, metrics in result["metrics"].items()
                  for metric, value in metrics.items()}, state.step)
 
@@ -201,7 +210,12 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
     """Run (or skip) one cell; returns ``{"status", "cell", "run_dir"}`` with status completed|failed|skipped|locked."""
     from posttrain.algorithms import registry
 
+    from posttrain.models.distributed import setup_distributed
+    from posttrain.models.engine import deepspeed_enabled
+
     outcome = {"cell": cell, "run_dir": str(cell_dir)}
+    if deepspeed_enabled(cfg.deepspeed):  # ranks from Slurm/submitit, torchrun, or a single process
+        setup_distributed()
     try:
         algo = registry.get(str(cfg.algo.name))
     except ValueError as exc:
@@ -220,6 +234,10 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
         shutil.copytree(cell_dir, archive)
         (cell_dir / results.RESULT_FILE).unlink()
     cell_dir.mkdir(parents=True, exist_ok=True)
+    from posttrain.models.distributed import is_main_process
+
+    if not is_main_process():  # rank > 0 of a DeepSpeed job: trains its shard, writes nothing
+        return {**outcome, "status": _run_locked(cfg, algo, cell_dir, variant_name, cell, sweep, chash)}
     lock = FileLock(str(cell_dir / ".lock"))
     try:
         lock.acquire(timeout=0)
@@ -242,10 +260,13 @@ def _run_locked(cfg, algo, cell_dir: Path, variant_name: str, cell: str, sweep: 
     CACHE_EVENTS.clear()
     result = _empty_result(cfg, algo.meta(), variant_name, chash, _now())
     result["provenance"]["hardware"] = _hardware(threads)
+    from posttrain.models.distributed import is_main_process
+
+    main = is_main_process()
     tracker = NullTracker()
     interrupted = None
     try:
-        tracker = make_tracker(
+        tracker = NullTracker() if not main else make_tracker(
             cfg.logger, sweep=sweep, cell=cell, run_dir=cell_dir, config=result["config"],
             tags=[f"algo:{cfg.algo.name}", f"scale:{cfg.scale.name}", f"seed:{cfg.seed}",
                   f"lora:{'on' if cfg.lora.enabled else 'off'}"], job_type=str(cfg.algo.name))
@@ -259,12 +280,15 @@ def _run_locked(cfg, algo, cell_dir: Path, variant_name: str, cell: str, sweep: 
     finally:
         result["provenance"]["finished"] = _now()
         result["provenance"]["cache_hits"] = dict(CACHE_EVENTS)
-        results.write_result(cell_dir, result)
+        if main:
+            results.write_result(cell_dir, result)
     tracker.summary({"status": result["status"], **{f"{t}/{m}": v for t, ms in result["metrics"].items()
                                                     for m, v in ms.items()}})
     tracker.finish(failed=result["status"] != results.COMPLETED)
     if interrupted is not None:
         raise interrupted
+    if not main:
+        return result["status"]
     if result["status"] == results.COMPLETED and not cfg.keep_checkpoints:
         shutil.rmtree(cell_dir / "checkpoint", ignore_errors=True)
     if result["status"] == results.COMPLETED:
