@@ -47,5 +47,16 @@ def launch(args: list[str], cwd: Path, env: dict | None = None, check: bool = Fa
     return proc
 
 
+def random_qwen2(vocab_size: int, seed: int = 0):
+    """A randomly initialised 1-layer Qwen2 (hidden 32) for fast loop and rollout tests."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                        max_position_embeddings=128, tie_word_embeddings=True))
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -156,3 +156,15 @@ def test_gsm8k_format_training_file_goes_through_the_real_data_path(workdir, tmp
     data = read_json(result)
     assert data["status"] == "completed" and data["config"]["data"]["source"] == "gsm8k"
     assert data["train"]["dataset_size"] > 0
+
+
+def test_a_cell_locked_by_another_launch_is_not_run_twice(workdir):
+    from filelock import FileLock
+
+    args = ["algo=sft", "seed=7", *FAST]
+    cell = workdir / "outputs/run" / CELL.parts[2].replace("dpo@", "sft@") / "tiny-s/lora-off/seed-7"
+    cell.mkdir(parents=True)
+    with FileLock(str(cell / ".lock")):
+        proc = launch(args, workdir, check=True)
+    assert "[locked]" in proc.stdout and "not started twice" in proc.stdout
+    assert not (cell / "result.json").exists()

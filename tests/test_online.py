@@ -21,7 +21,7 @@ from posttrain.rewards import REWARD_FUNCTIONS, overlong_penalty
 from posttrain.rollout import SamplingConfig, sample
 from posttrain.train import CHECKPOINT_FILE, train
 
-from conftest import FAST, ROOT, launch, read_json
+from conftest import FAST, ROOT, launch, read_json, random_qwen2
 
 ONLINE = ("sgrpo", "gspo", "cispo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "remax", "ppo",
           "online_dpo", "spin", "rft")
@@ -54,12 +54,7 @@ def tok(tmp_path_factory):
 
 
 def _model(tok, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                                        max_position_embeddings=128, tie_word_embeddings=True))
+    return random_qwen2(len(tok), seed)
 
 
 def _trainer(**kw):

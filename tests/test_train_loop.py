@@ -14,6 +14,8 @@ from posttrain.losses import token_nll
 from posttrain.models.loading import Reference
 from posttrain.train import CHECKPOINT_FILE, plan, train
 
+from conftest import random_qwen2
+
 PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {2 * i}",
           "rejected": f" {2 * i + 1}\n#### {2 * i + 1}"} for i in range(12)]
 SFT = [{"prompt": p["prompt"], "completion": p["chosen"] + "x" * (i % 5)} for i, p in enumerate(PAIRS)]
@@ -32,12 +34,7 @@ def tok(tmp_path_factory):
 
 
 def _model(tok, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                                        max_position_embeddings=128, tie_word_embeddings=True))
+    return random_qwen2(len(tok), seed)
 
 
 def _run(tok, algo, examples, trainer, model=None, **kw):
