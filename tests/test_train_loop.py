@@ -115,3 +115,40 @@ def test_plan_counts_steps_and_refuses_empty_data():
     assert plan(12, _trainer(max_steps=4)) == (3, 4)
     with pytest.raises(ValueError, match="no training examples"):
         plan(0, _trainer())
+
+
+def _pair_batch(tok):
+    from posttrain.data.collate import collate
+
+    return collate("pairs", tok, PAIRS[:4], 64)
+
+
+def test_wpo_and_ld_dpo_options_combine_with_a_pairwise_loss(tok):
+    from posttrain.algorithms.objectives import StepContext, pairwise, token_logps
+    from posttrain.losses import options
+    from posttrain.losses import pairwise as pairwise_loss
+
+    model = _model(tok)
+    ref = Reference(_model(tok, seed=1))
+    batch, ctx, algo = _pair_batch(tok), StepContext(examples=4, tokens=1), get("dpo")
+    plain, _ = pairwise(model, ref, batch, algo, {"beta": 0.1}, ctx)
+    same, _ = pairwise(model, ref, batch, algo, {"beta": 0.1, "ld_alpha": 1.0}, ctx)
+    assert same.item() == pytest.approx(plain.item(), abs=1e-6), "ld_alpha = 1 is plain DPO"
+    # independent computation of both options
+    mask = batch["completion_mask"][:, 1:].float()
+    with torch.no_grad():
+        lp = token_logps(model, batch["input_ids"], batch["attention_mask"])
+        with ref.active() as r:
+            rlp = token_logps(r, batch["input_ids"], batch["attention_mask"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    pc, pr = options.ld_dpo_logps(lp[:4], mask[:4], lp[4:], mask[4:], alpha=0.5)
+    rc, rr = options.ld_dpo_logps(rlp[:4], mask[:4], rlp[4:], mask[4:], alpha=0.5)
+    expected_ld = pairwise_loss("dpo", pc, pr, rc, rr, beta=0.1).mean()
+    got_ld, _ = pairwise(model, ref, batch, algo, {"beta": 0.1, "ld_alpha": 0.5}, ctx)
+    assert got_ld.item() == pytest.approx(expected_ld.item(), abs=1e-5)
+    sq = torch.logsumexp(2 * torch.log_softmax(logits, -1), -1)
+    w = lambda a, b: torch.exp(((lp[a:b] - sq[a:b]) * mask[a:b]).sum(-1) / mask[a:b].sum(-1))  # noqa: E731
+    seq, rseq = (lp * mask).sum(-1), (rlp * mask).sum(-1)
+    expected_wpo = (pairwise_loss("dpo", seq[:4], seq[4:], rseq[:4], rseq[4:], beta=0.1) * w(0, 4) * w(4, 8)).mean()
+    got_wpo, stats = pairwise(model, ref, batch, algo, {"beta": 0.1, "wpo": True}, ctx)
+    assert got_wpo.item() == pytest.approx(expected_wpo.item(), abs=1e-5) and stats["wpo/weight"] > 0

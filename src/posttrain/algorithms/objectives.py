@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain import losses
+import posttrain.losses.options  # noqa: F401 - losses.options for WPO / LD-DPO
 from posttrain.algorithms.online import online, prepare_online
 from posttrain.data.collate import collate
 
@@ -26,9 +27,16 @@ class StepContext:
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """log pi(x_t | x_<t) for t = 1..T-1, float32, shape [B, T-1]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logps_from_logits(_shifted_logits(model, input_ids, attention_mask), input_ids)
+
+
+def _shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+
+
+def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary log-softmax picked at the next tokens: [B, T-1, V] logits -> [B, T-1] log-probs."""
+    return torch.gather(logits, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,21 +60,54 @@ def supervised(policy, reference, batch, algo, hparams, ctx):
     return loss, {"nll": nll.item(), "logps/completion": ((lp * mask).sum(-1)).mean().item()}
 
 
+#: Options that combine with any pairwise loss (``+algo.wpo=true``, ``+algo.ld_alpha=0.5``); not loss hparams.
+PAIRWISE_OPTIONS = ("wpo", "ld_alpha")
+
+
+def _pair_logps(token_lp: torch.Tensor, mask: torch.Tensor, n: int, ld_alpha) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probs: plain sums, or LD-DPO's shared-prefix + alpha * tail recombination."""
+    if ld_alpha is None:
+        seq = (token_lp * mask).sum(-1)
+        return seq[:n], seq[n:]
+    return losses.options.ld_dpo_logps(token_lp[:n], mask[:n], token_lp[n:], mask[n:], alpha=float(ld_alpha))
+
+
 def pairwise(policy, reference, batch, algo, hparams, ctx):
-    """DPO family: chosen and rejected in one forward; reference forward only when the loss needs one."""
+    """DPO family: chosen and rejected in one forward; reference forward only when the loss needs one.
+
+    Options that combine with every pairwise loss: ``wpo`` (WPO, Zhou et al. 2024, arXiv 2406.11827: each pair's
+    loss times the detached weights w(y_w) w(y_l), as TRL's ``use_weighting``) and ``ld_alpha`` (LD-DPO, Liu et al.
+    2024, arXiv 2409.06411: the tail past the shorter completion counts ``ld_alpha`` times, for policy and reference
+    alike, as TRL's ``ld_alpha``).
+    """
     n = batch["pairs"]
-    seq, lengths = sequence_logps(policy, batch)
-    ref = _reference_logps(reference, batch) if reference.enabled else None
-    per_example = losses.pairwise(
-        algo.loss, seq[:n], seq[n:], None if ref is None else ref[:n], None if ref is None else ref[n:],
-        chosen_len=lengths[:n], rejected_len=lengths[n:], **hparams)
-    stats = {"logps/chosen": seq[:n].mean().item(), "logps/rejected": seq[n:].mean().item()}
-    if ref is not None:
-        beta = float(hparams.get("beta", 0.1))
-        chosen, rejected = beta * (seq[:n] - ref[:n]).detach(), beta * (seq[n:] - ref[n:]).detach()
-        stats.update({"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
-                      "rewards/margins": (chosen - rejected).mean().item(),
-                      "rewards/accuracies": (chosen > rejected).float().mean().item()})
+    wpo, ld_alpha = bool(hparams.get("wpo", False)), hparams.get("ld_alpha")
+    loss_hp = {k: v for k, v in hparams.items() if k not in PAIRWISE_OPTIONS}
+    mask = batch["completion_mask"][:, 1:].float()
+    logits = _shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
+    token_lp = logps_from_logits(logits, batch["input_ids"])
+    chosen, rejected = _pair_logps(token_lp, mask, n, ld_alpha)
+    lengths = mask.sum(-1)
+    ref_chosen = ref_rejected = None
+    if reference.enabled:
+        with reference.active() as ref_model:
+            ref_tok = token_logps(ref_model, batch["input_ids"], batch["attention_mask"])
+        ref_chosen, ref_rejected = _pair_logps(ref_tok, mask, n, ld_alpha)
+    per_example = losses.pairwise(algo.loss, chosen, rejected, ref_chosen, ref_rejected,
+                                  chosen_len=lengths[:n], rejected_len=lengths[n:], **loss_hp)
+    stats = {"logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item()}
+    if wpo:
+        sq = losses.options.log_sum_sq_probs(logits)
+        weights = (losses.options.wpo_weights(token_lp[:n], sq[:n], mask[:n])
+                   * losses.options.wpo_weights(token_lp[n:], sq[n:], mask[n:]))
+        per_example = per_example * weights
+        stats["wpo/weight"] = weights.mean().item()
+    if ref_chosen is not None:
+        beta = float(loss_hp.get("beta", 0.1))
+        rc, rr = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+        stats.update({"rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
+                      "rewards/margins": (rc - rr).mean().item(),
+                      "rewards/accuracies": (rc > rr).float().mean().item()})
     return per_example.sum() / ctx.examples, stats
 
 
