@@ -152,3 +152,31 @@ def test_wpo_and_ld_dpo_options_combine_with_a_pairwise_loss(tok):
     expected_wpo = (pairwise_loss("dpo", seq[:4], seq[4:], rseq[:4], rseq[4:], beta=0.1) * w(0, 4) * w(4, 8)).mean()
     got_wpo, stats = pairwise(model, ref, batch, algo, {"beta": 0.1, "wpo": True}, ctx)
     assert got_wpo.item() == pytest.approx(expected_wpo.item(), abs=1e-5) and stats["wpo/weight"] > 0
+
+
+def test_tdpo_runs_in_the_loop_with_full_vocabulary_kl(tok):
+    from posttrain.algorithms.objectives import StepContext, token_pairwise
+    from posttrain.losses import options
+
+    model, ref = _model(tok), Reference(_model(tok, seed=1))
+    batch, algo = _pair_batch(tok), get("tdpo")
+    loss, stats = token_pairwise(model, ref, batch, algo, {"beta": 0.1, "alpha": 0.5, "variant": 2},
+                                 StepContext(examples=4, tokens=1))
+    mask = batch["completion_mask"][:, 1:].float()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        with ref.active() as r:
+            rlogits = r(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    ids = batch["input_ids"][:, 1:].unsqueeze(-1)
+    lp = (torch.log_softmax(logits, -1).gather(-1, ids).squeeze(-1) * mask).sum(-1)
+    rlp = (torch.log_softmax(rlogits, -1).gather(-1, ids).squeeze(-1) * mask).sum(-1)
+    p, q = torch.log_softmax(logits, -1), torch.log_softmax(rlogits, -1)
+    kl = ((q.exp() * (q - p)).sum(-1) * mask).sum(-1)  # forward KL(ref || policy) per position, summed
+    margin = (lp[:4] - rlp[:4]) - (lp[4:] - rlp[4:])
+    expected = -torch.nn.functional.logsigmoid(0.1 * (margin - 0.5 * (kl[4:] - kl[:4]))).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5) and stats["kl/chosen"] >= 0
+    _, state, ref_used = _run(tok, "tdpo", PAIRS, _trainer(max_steps=2))
+    assert state.step == 2 and ref_used.calls == 2
+    with pytest.raises(ValueError, match="accepted"):
+        token_pairwise(model, ref, batch, algo, {"gamma": 1.0}, StepContext(examples=4, tokens=1))
+    assert options.tdpo is algo.loss_spec.fn

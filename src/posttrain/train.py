@@ -117,7 +117,7 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
           seed: int, log: Callable[[dict, int], None] | None = None, checkpoint_dir: Path | None = None,
           progress: bool = True, deepspeed=None) -> TrainState:
     """Post-train ``policy`` in place with ``algo`` on ``examples``; returns the training record."""
-    objective = OBJECTIVES[algo.family]
+    objective = OBJECTIVES[algo.loop_objective]
     prepare = PREPARERS[algo.family]
     steps_per_epoch, total = plan(len(examples), trainer)
     engine = make_engine(policy, trainer, total, deepspeed, checkpoint_dir=checkpoint_dir)

@@ -111,6 +111,26 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
     return per_example.sum() / ctx.examples, stats
 
 
+def token_pairwise(policy, reference, batch, algo, hparams, ctx):
+    """TDPO (Zeng et al., ICML 2024, arXiv 2404.11999): the pairwise margin plus each side's sequential forward KL
+    between reference and policy over the full vocabulary, so the reference's logits are kept, not just log-probs."""
+    n = batch["pairs"]
+    spec = losses.TOKEN_PAIRWISE_LOSSES[algo.loss]
+    unknown = sorted(set(hparams) - set(spec.defaults))
+    if unknown:
+        raise ValueError(f"{algo.loss}: unknown hyperparameter(s) {unknown}; accepted: {sorted(spec.defaults)}")
+    mask = batch["completion_mask"][:, 1:].float()
+    logits = _shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
+    with reference.active() as ref_model:
+        ref_logits = _shifted_logits(ref_model, batch["input_ids"], batch["attention_mask"])
+    seq = (logps_from_logits(logits, batch["input_ids"]) * mask).sum(-1)
+    ref = (logps_from_logits(ref_logits, batch["input_ids"]) * mask).sum(-1)
+    kl = losses.options.sequential_kl(logits, ref_logits, mask)
+    per_example = spec.fn(seq[:n], seq[n:], ref[:n], ref[n:], kl[:n], kl[n:], **hparams)
+    return per_example.sum() / ctx.examples, {"kl/chosen": kl[:n].mean().item(), "kl/rejected": kl[n:].mean().item(),
+                                              "logps/chosen": seq[:n].mean().item()}
+
+
 def unpaired(policy, reference, batch, algo, hparams, ctx):
     """KTO family: completions plus their mismatched partners (the KL anchor z0), one forward each model."""
     n = batch["rows"]
@@ -128,7 +148,7 @@ def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, 
 
 
 #: Family -> objective. The loop looks the family up here; there is no chain over algorithm names.
-OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "unpaired": unpaired, "online": online}
+OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "token_pairwise": token_pairwise, "unpaired": unpaired, "online": online}
 #: Family -> how a step's examples become batches (online families add their rollout phase here).
 PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": offline_batches,
              "online": prepare_online}

@@ -48,7 +48,15 @@ class Algorithm:
         return str(self.options.get("objective", "policy_gradient"))
 
     @property
+    def loop_objective(self) -> str:
+        """The key of ``objectives.OBJECTIVES`` the training loop runs: the family's, unless the entry names
+        another one for its family's data (TDPO: ``token_pairwise``, pairs with full-vocabulary reference terms)."""
+        return str(self.options.get("loop_objective", self.family))
+
+    @property
     def loss_spec(self):
+        if self.loop_objective == "token_pairwise":
+            return losses.TOKEN_PAIRWISE_LOSSES[self.loss]
         table = {"pairwise": losses.PAIRWISE_LOSSES, "unpaired": losses.UNPAIRED_LOSSES,
                  "policy_gradient": losses.POLICY_GRADIENT_LOSSES}.get(self.objective)
         return None if table is None or self.loss is None else table[self.loss]
@@ -148,6 +156,7 @@ ALGORITHMS: dict[str, Algorithm] = _entries(
     Algorithm("kto", "unpaired", "kto", "unpaired", "unpaired"),
     Algorithm("apo_zero_unpaired", "unpaired", "apo_zero_unpaired", "unpaired", "other"),
     Algorithm("bco_unpaired", "unpaired", "bco", "unpaired", "other"),
+    Algorithm("tdpo", "pairwise", "tdpo", "pairs", "other", options={"loop_objective": "token_pairwise"}),
     *ONLINE,
 )
 

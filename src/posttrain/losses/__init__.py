@@ -11,3 +11,11 @@ from posttrain.losses.supervised import token_nll  # noqa: F401
 from posttrain.losses.pairwise import PAIRWISE_LOSSES, pairwise  # noqa: F401
 from posttrain.losses.unpaired import UNPAIRED_LOSSES, kto_kl_anchor, unpaired  # noqa: F401
 from posttrain.losses.policy_gradient import POLICY_GRADIENT_LOSSES, policy_gradient  # noqa: F401
+
+from posttrain.losses import options  # noqa: E402,F401 - WPO, LD-DPO, f-DPO scores, TDPO
+from posttrain.losses._common import LossSpec as _LossSpec  # noqa: E402
+
+#: Pairwise losses that need per-token, full-vocabulary terms (run by the ``token_pairwise`` objective).
+TOKEN_PAIRWISE_LOSSES = {
+    "tdpo": _LossSpec(fn=options.tdpo),  # defaults from its signature: beta 0.1, alpha 0.5, variant 2
+}
