@@ -93,16 +93,17 @@ def _hparams(cfg: DictConfig) -> dict:
 
 
 def _empty_result(cfg, algo_meta, name, chash, started) -> dict:
+    versions = _versions()
     return {
         "status": results.FAILED, "algo": str(cfg.algo.name), "variant": name, "scale": str(cfg.scale.name),
         "seed": int(cfg.seed), "lora": bool(cfg.lora.enabled), "config_hash": chash,
         "config": _scrubbed_config(cfg), "algo_meta": algo_meta, "metrics": {},
         "eval": {"tasks": list(cfg.eval.tasks), "num_fewshot": OmegaConf.to_container(cfg.eval, resolve=True)[
             "num_fewshot"], "chat_template": bool(cfg.eval.apply_chat_template), "limit": cfg.eval.limit,
-            "lm_eval_version": _versions().get("lm_eval"), "base_metrics": {}},
+            "lm_eval_version": versions["lm_eval"], "base_metrics": {}},
         "train": {"steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0, "final_loss": None,
                   "loss_curve": [], "reward_curve": []},
-        "provenance": {"git_sha": _git_sha(), "versions": _versions(), "hardware": {}, "started": started,
+        "provenance": {"git_sha": _git_sha(), "versions": versions, "hardware": {}, "started": started,
                        "finished": None, "cache_hits": {}},
         "error": None,
     }

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from posttrain import losses
-import posttrain.losses.options  # noqa: F401 - losses.options for WPO / LD-DPO
 from posttrain.algorithms.online import online, prepare_online
 from posttrain.data.collate import collate
 
