@@ -103,6 +103,32 @@ def greedy(model, tok, max_new_tokens: int) -> list[int]:
     return out[0].tolist()
 
 
+def uneven_update(tok, rank: int, world_size: int, share: str, deepspeed=None):
+    """One optimizer step on the three micro-batches of SFT[:6] split unevenly over the ranks (``share``:
+    ``2+1`` or ``3+0``): the rank with fewer runs zero-loss padding passes; the step must equal the one-process step
+    on all three. ``(loss, grad norm, trainable weights)``."""
+    from posttrain.algorithms import get
+    from posttrain.algorithms.memory import LoopMemory
+    from posttrain.algorithms.objectives import OBJECTIVES
+    from posttrain.data.collate import collate
+    from posttrain.models.engine import make_engine
+    from posttrain.models.loading import Reference
+    from posttrain.train import optimizer_update
+
+    model = tiny_model(len(tok))
+    engine = make_engine(model, trainer(), 1, deepspeed)
+    batches = [{**collate("selfplay_chosen", tok, SFT[i:i + 2], 64), "examples": 2} for i in (0, 2, 4)]
+    if world_size > 1:
+        first = {"2+1": 2, "3+0": 3}[share]
+        batches = batches[:first] if rank == 0 else batches[first:]
+    loss, _, norm, _ = optimizer_update(engine, engine.model, Reference(None), OBJECTIVES["supervised"], get("sft"),
+                                        {}, batches, LoopMemory())
+    weights = full_weights(model)
+    if hasattr(engine, "close"):
+        engine.close()
+    return loss, norm, weights
+
+
 # ------------------------------------------------------------------------------------------------- the worker
 
 def worker(out: Path) -> None:
@@ -132,6 +158,11 @@ def worker(out: Path) -> None:
                         results["generate_rank0_only"] = greedy(bare, tok, 9)
                 # and training goes on afterwards: the partitions are intact
                 results["after_gather"] = all_reduce_sum([1.0])[0]
+        if stage:
+            for share in ("2+1", "3+0"):
+                loss, norm, w = uneven_update(tok, info.rank, info.world_size, share, ds_config(stage))
+                results[f"uneven/{share}/zero{stage}"] = {"loss": loss, "norm": norm}
+                weights[f"uneven/{share}/zero{stage}"] = w
     for key, (stage, lora) in RESUMES.items():
         ckpt = out / f"ckpt_{key}"
 
@@ -209,6 +240,8 @@ def plain(tok):
         model, state, norms = run_train(tok, algo, examples, trainer(**overrides), lora=lora)
         out[name] = {"loss_curve": state.loss_curve, "grad_norms": norms, "examples": state.examples,
                      "tokens": state.tokens, "weights": full_weights(model), "model": model}
+    loss, norm, weights = uneven_update(tok, 0, 1, "all")
+    out["uneven"] = {"loss": loss, "norm": norm, "weights": weights}
     return out
 
 
@@ -262,6 +295,20 @@ def test_resume_from_a_deepspeed_checkpoint_equals_the_uninterrupted_run(ranks, 
         _close_curves(got["resumed"], got["full"], tol=1e-6)
         _close_weights(result["weights"][f"resume/{key}/resumed"], result["weights"][f"resume/{key}/full"], atol=1e-6)
         assert got["tags"] == ["step6", "step8"], "only the newest two DeepSpeed tags are kept"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("share", ["2+1", "3+0"])
+def test_ranks_with_fewer_micro_batches_pad_the_step_and_it_equals_the_one_process_step(ranks, plain, share, stage):
+    """Online rollouts give ranks different micro-batch counts (DAPO's filter, RFT's verifier): ZeRO-2/3 must not
+    hang, and the update (normalised over all ranks' tokens) must be the single-process update."""
+    ref = plain["uneven"]
+    for result in ranks:
+        got = result[f"uneven/{share}/zero{stage}"]
+        assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+        assert got["norm"] == pytest.approx(ref["norm"], rel=1e-4)
+        _close_weights(result["weights"][f"uneven/{share}/zero{stage}"], ref["weights"])
 
 
 @pytest.mark.slow

@@ -39,7 +39,9 @@ def test_registry_names():
     ("apo_zero_unpaired", {}, None, [1 - sig(0.1), sig(-0.05), sig(0.2)]),
     ("apo_zero_unpaired", {"lambda_d": 2.0, "lambda_u": 0.5}, None,
      [2 * (1 - sig(0.1)), 0.5 * sig(-0.05), 0.5 * sig(0.2)]),
-    ("bco", {}, None, [-ls(0.1), -ls(0.05), -ls(-0.2)]),
+    ("bco", {"delta": 0.0}, None, [-ls(0.1), -ls(0.05), -ls(-0.2)]),
+    # delta None: the batch's mean implicit reward (0.1 - 0.05 + 0.2) / 3 stands in for the running mean
+    ("bco", {}, None, [-ls(0.1 - 0.25 / 3), -ls(-(-0.05 - 0.25 / 3)), -ls(-(0.2 - 0.25 / 3))]),
     ("bco", {"delta": 0.1, "beta": 0.2}, None, [-ls(0.2 - 0.1), -ls(-(-0.1 - 0.1)), -ls(-(0.4 - 0.1))]),
 ])
 def test_hand_values(name, hp, z0, expected):
@@ -147,7 +149,7 @@ def test_spec_metadata():
         assert not spec.reference_free and not spec.length_normalized and not spec.needs_lengths
         assert spec.needs_kl_anchor == (name == "kto")
     assert UNPAIRED_LOSSES["kto"].defaults == {"beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0}
-    assert UNPAIRED_LOSSES["bco"].defaults == {"beta": 0.1, "delta": 0.0}
+    assert UNPAIRED_LOSSES["bco"].defaults == {"beta": 0.1, "delta": None}
 
 
 def test_unknown_name_lists_the_known_ones():

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from posttrain.algorithms import ALGORITHMS, get
 from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, StepContext, token_logps
 from posttrain.algorithms.online import (ROLLOUT_DEFAULTS, _sampling_seed, _score, online, prepare_online,
-                                         split_hparams)
+                                         schedule_updates, split_hparams, updates_per_step)
 from posttrain.data.tokenizer import build_char_tokenizer
 from posttrain.losses.advantages import group_zscore
 from posttrain.models.loading import Reference
@@ -64,11 +64,18 @@ def _trainer(**kw):
     return OmegaConf.create({**base, **kw})
 
 
-def _prepare(model, tok, name, hp=None, reference=None, examples=PROMPTS, split=4, step=0):
+def _prepare_updates(model, tok, name, hp=None, reference=None, examples=PROMPTS, split=4, step=0, memory=None):
     algo = get(name)
     mbs = [examples[i:i + split] for i in range(0, len(examples), split)]
     return prepare_online(model, reference or Reference(None), tok, algo, {**HP, **(hp or {})}, mbs,
-                          max_length=64, seed=0, step=step)
+                          max_length=64, seed=0, step=step, memory=memory)
+
+
+def _prepare(model, tok, name, hp=None, **kw):
+    """The micro-batches of an on-policy rollout (one optimizer update)."""
+    updates, stats = _prepare_updates(model, tok, name, hp, **kw)
+    assert len(updates) == 1, "one update per rollout unless num_iterations / num_minibatches say otherwise"
+    return updates[0], stats
 
 
 def _run(tok, name, hp=None, trainer=None, examples=PROMPTS, model=None, **kw):
@@ -127,7 +134,7 @@ def test_advantage_reaches_every_completion_token_and_the_first_pass_ratio_is_ex
     batches, _ = _prepare(model, tok, "sgrpo")
     b = batches[0]
     total = int(sum(x["completion_mask"][:, 1:].sum() for x in batches))
-    loss, stats = online(model, Reference(None), b, get("sgrpo"), HP, StepContext(examples=8, tokens=total))
+    loss, stats = online(model, Reference(None), b, get("sgrpo"), HP, StepContext(examples=32, tokens=total))
     assert stats["pg/ratio_mean"] == 1.0 and stats["pg/ratio_max"] == 1.0 and stats["pg/clip_frac"] == 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
@@ -263,9 +270,10 @@ def test_every_online_method_trains_in_the_one_loop(tok, name):
     logs = []
     _, state, ref = _run(tok, name, hp, trainer=_trainer(max_steps=2), examples=examples, model=model,
                          log=lambda metrics, step: logs.append(metrics))
-    assert state.step == 2 and len(state.reward_curve) == 2
+    rollouts = math.ceil(2 / updates_per_step(get(name), {**HP, **hp}))  # ppo: 4 updates per rollout
+    assert state.step == 2 and state.batches == rollouts and len(state.reward_curve) == rollouts
     assert all(math.isfinite(loss) for _, loss in state.loss_curve)
-    assert ref.calls == (2 if get(name).needs_reference(HP) else 0)
+    assert ref.calls == (rollouts if get(name).needs_reference(HP) else 0)
     assert any(not torch.equal(p, initial[n]) for n, p in model.state_dict().items()), "the policy moved"
     assert "rollout/reward_mean" in logs[0] and "rollout/truncated_frac" in logs[0]
 
@@ -298,6 +306,68 @@ def test_resumed_online_run_regenerates_the_same_rollouts(tok, tmp_path):
     assert (tmp_path / CHECKPOINT_FILE).exists()
     resumed_model, resumed, _ = _run(tok, "sgrpo", trainer=trainer, checkpoint_dir=tmp_path)
     assert resumed.reward_curve == full.reward_curve and resumed.step == full.step == 4
+    for p, q in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- several updates per rollout
+
+
+def test_updates_are_num_iterations_passes_over_num_minibatches():
+    batches = [{"i": i} for i in range(4)]
+    _, rc = split_hparams(get("sgrpo"), {"num_iterations": 2, "num_minibatches": 2})
+    updates = schedule_updates(batches, rc)
+    assert [[b["i"] for b in u] for u in updates] == [[0, 1], [2, 3], [0, 1], [2, 3]]
+    assert updates_per_step(get("sgrpo"), {"num_iterations": 2, "num_minibatches": 2}) == 4
+    assert updates_per_step(get("sgrpo"), {}) == 1 and updates_per_step(get("ppo"), {}) == 4
+    _, rc = split_hparams(get("sgrpo"), {"num_minibatches": 3})
+    assert [len(u) for u in schedule_updates(batches[:1], rc)] == [1, 0, 0], "missing minibatches are no-op steps"
+    with pytest.raises(ValueError, match="num_iterations must be >= 1"):
+        split_hparams(get("sgrpo"), {"num_iterations": 0})
+
+
+@pytest.mark.parametrize("name", ["sgrpo", "gspo", "cispo"])
+def test_later_updates_of_a_rollout_see_a_ratio_other_than_one(tok, name):
+    """mu = 2 passes x 2 minibatches: 4 optimizer steps on one rollout; the first is on-policy (ratio 1), the others
+    see the moved policy through pi_old's recorded log-probs, so the study's three methods now clip differently."""
+    hp = {"num_iterations": 2, "num_minibatches": 2}
+    updates, _ = _prepare_updates(_model(tok), tok, name, hp, split=2)
+    assert len(updates) == 4 and all(len(u) == 2 for u in updates)
+    assert updates[0][0] is updates[2][0], "the second pass reuses the same samples"
+    assert all("old_logps" in b for u in updates for b in u)
+    logs = []
+    _, state, _ = _run(tok, name, hp, trainer=_trainer(micro_batch_size=2, grad_accum=4, max_steps=4, lr=3e-3),
+                       log=lambda metrics, step: logs.append(metrics))
+    assert state.step == 4 and state.batches == 1 and len(state.reward_curve) == 1
+    assert logs[0]["train/pg/ratio_mean"] == pytest.approx(1.0, abs=1e-5), "the first update is on-policy"
+    later = [m["train/pg/ratio_max"] for m in logs[1:]]
+    assert all(abs(r - 1.0) > 1e-4 for r in later), later
+    assert "rollout/reward_mean" in logs[0] and "rollout/reward_mean" not in logs[1], "a rollout is logged once"
+    if name == "gspo":  # clip range 3e-4 / 4e-4 on the sequence ratio: off-policy updates clip
+        assert max(m["train/pg/clip_frac"] for m in logs[1:]) > 0
+
+
+def test_resumed_ppo_run_continues_with_its_checkpointed_value_head(tok, tmp_path):
+    trainer = _trainer(micro_batch_size=2, epochs=1, checkpoint_every=4)  # 4 rollouts x 4 ppo epochs
+    full_model, full, _ = _run(tok, "ppo", trainer=trainer)
+    assert full.step == 16 and full.batches == 4
+
+    class Preempted(Exception):
+        pass
+
+    def cut(metrics, step):
+        if step == 10:
+            raise Preempted
+
+    with pytest.raises(Preempted):
+        _run(tok, "ppo", trainer=trainer, checkpoint_dir=tmp_path, log=cut)
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert (saved["state"]["step"], saved["state"]["batches"]) == (8, 2), "checkpoints fall between rollouts"
+    assert set(saved["memory"]["value_head"]) == {"head", "optimizer"}
+    resumed_model, resumed, _ = _run(tok, "ppo", trainer=trainer, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 8 and resumed.reward_curve == full.reward_curve
+    for (_, a), (_, b) in zip(full.loss_curve, resumed.loss_curve):
+        assert a == pytest.approx(b, abs=1e-6)
     for p, q in zip(full_model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 

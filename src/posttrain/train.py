@@ -1,13 +1,19 @@
 """THE training loop, shared by every algorithm (the study's point: identical infrastructure).
 
-Read top to bottom: plan the steps, build the engine, (resume), then for each optimizer step take its
-micro-batches in a seeded order, let the family prepare them (offline: tokenise; online: the rollout phase,
-generate from the current policy, score, compute advantages), ask the family objective for each micro-batch's
-loss, backward, step, log, checkpoint. Nothing here knows an algorithm's name; the registry entry says which family objective,
-which data kind and whether a reference is needed.
+Read top to bottom: plan the steps, build the engine, (resume), then for each batch of examples (micro-batches in a
+seeded order) let the family prepare its optimizer updates (offline: tokenise, one update; online: the rollout
+phase -- generate from the current policy, score, compute advantages -- then ``num_iterations`` x
+``num_minibatches`` updates on the same samples), and for each update ask the family objective for each
+micro-batch's loss, backward, step, log; checkpoint between batches. Nothing here knows an algorithm's name; the
+registry entry says which family objective, which data kind and whether a reference is needed.
+
+``state.step`` counts optimizer steps (``trainer.max_steps`` caps them), ``state.batches`` batches of examples
+(= rollouts for online methods). State an algorithm carries across steps (beta-DPO's margin EMA, BCO's delta, PPO's
+value head, a reference that moves: SPIN / TR-DPO, see algorithms/reference_sync) lives in a :class:`LoopMemory`
+that is checkpointed with the weights.
 
 Determinism: the example order of epoch e is a permutation seeded by (run seed, e), so a run resumed from a
-checkpoint at step k sees exactly the examples the uninterrupted run saw after step k.
+checkpoint after batch k sees exactly the examples the uninterrupted run saw after batch k.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, StepContext
-from posttrain.models.engine import make_engine
+from posttrain.algorithms.memory import LoopMemory
+from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, UPDATES_PER_STEP, StepContext
+from posttrain.algorithms.reference_sync import ReferenceSync, ReferenceWeights, split_loop_options, sync_reference
+from posttrain.models.engine import gathered, make_engine
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -32,6 +40,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
+    batches: int = 0  # batches of examples done (online: rollouts; each gives one or more optimizer steps)
     examples: int = 0
     tokens: int = 0  # tokens through the policy's forward passes (prompt + completion, no padding)
     seconds: float = 0.0
@@ -40,14 +49,15 @@ class TrainState:
     resumed_from: int | None = None  # the checkpoint step this run resumed from (preemption, time-out), if any
 
 
-def plan(n_examples: int, trainer) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) for ``n_examples`` and the trainer config."""
+def plan(n_examples: int, trainer, updates_per_batch: int = 1) -> tuple[int, int]:
+    """(batches per epoch, total optimizer steps) for ``n_examples`` and the trainer config; a batch of examples
+    (``micro_batch_size * grad_accum``) gives ``updates_per_batch`` optimizer steps; ``max_steps`` caps the steps."""
     if n_examples == 0:
         raise ValueError("no training examples: the data produced nothing to train on (for self-play pairs: "
                          "no prompt had both a correct and an incorrect sample)")
     per_step = int(trainer.micro_batch_size) * int(trainer.grad_accum)
     steps_per_epoch = math.ceil(n_examples / per_step)
-    total = steps_per_epoch * int(trainer.epochs)
+    total = steps_per_epoch * int(trainer.epochs) * int(updates_per_batch)
     if trainer.max_steps is not None:
         total = min(total, int(trainer.max_steps))
     return steps_per_epoch, total
@@ -94,83 +104,123 @@ def shard_step(chunk: list, micro: int, rank: int, world_size: int) -> list[list
     return [chunk[bounds[i]:bounds[i + 1]] for i in range(rank, slots, world_size)]
 
 
-def _save_checkpoint(path: Path, engine, state: TrainState) -> None:
+def _save_checkpoint(path: Path, engine, state: TrainState, memory: LoopMemory) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     engine_state = engine.state_dict()  # every rank (DeepSpeed writes its partitions); then rank 0 commits
     if engine.rank != 0:
         return
     tmp = path.with_suffix(".tmp")
-    torch.save({"engine": engine_state, "state": asdict(state), "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate()}, tmp)
+    torch.save({"engine": engine_state, "state": asdict(state), "memory": memory.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, engine) -> TrainState:
+def _load_checkpoint(path: Path, engine) -> tuple[TrainState, LoopMemory]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     engine.load_state_dict(ckpt["engine"])
     torch.set_rng_state(ckpt["torch_rng"])
     random.setstate(ckpt["python_rng"])
-    return TrainState(**ckpt["state"])
+    saved = dict(ckpt["state"])
+    saved.setdefault("batches", saved["step"])  # checkpoints from before optimizer steps and batches were told apart
+    return TrainState(**saved), LoopMemory(ckpt.get("memory"))
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _pad_backward(engine, model, own: int) -> None:
+    """With several ranks, every rank runs as many backward passes per update as the busiest one (ZeRO-2/3 reduce
+    inside each backward, ZeRO-3 gathers inside each forward: unequal counts hang). A rank whose rollout gave fewer
+    micro-batches (DAPO's filter, online DPO's ties, RFT's verifier) adds zero-loss passes on a one-token input."""
+    if engine.world_size == 1:
+        return
+    busiest = int(engine.all_reduce_max([own])[0])
+    for _ in range(busiest - own):
+        dummy = torch.zeros((1, 1), dtype=torch.long, device=engine.device)
+        engine.backward(model(input_ids=dummy).logits.float().sum() * 0.0)
+
+
+def optimizer_update(engine, model, reference, objective, algo, hparams, update: list[dict],
+                     memory: LoopMemory) -> tuple[float, dict, float, int]:
+    """One optimizer step on ``update``'s micro-batches: ``(loss, objective stats, grad norm, tokens seen)``.
+
+    Losses arrive already divided by the update's example / completion-token count over all ranks (``StepContext``),
+    so the step does not depend on how it is split into micro-batches or ranks.
+    """
+    update = [_to(b, engine.device) for b in update]
+    n_examples, n_tokens = engine.all_reduce_sum([sum(int(b.get("examples", 0)) for b in update),
+                                                  int(sum(b["completion_mask"][:, 1:].sum() for b in update))])
+    ctx = StepContext(examples=int(n_examples), tokens=int(n_tokens), memory=memory)
+    step_loss, stats = 0.0, {}
+    for batch in update:
+        loss, micro_stats = objective(model, reference, batch, algo, hparams, ctx)
+        engine.backward(loss)
+        step_loss += loss.item()
+        for key, value in micro_stats.items():
+            stats[key] = stats.get(key, 0.0) + value / len(update)
+    _pad_backward(engine, model, len(update))
+    grad_norm = engine.step()
+    memory.commit(engine.all_reduce_sum)
+    step_loss, seen = engine.all_reduce_sum([step_loss, int(sum(b["attention_mask"].sum() for b in update))])
+    return step_loss, engine.mean_over_ranks(stats), grad_norm, int(seen)
 
 
 def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, trainer, *, max_length: int,
           seed: int, log: Callable[[dict, int], None] | None = None, checkpoint_dir: Path | None = None,
           progress: bool = True, deepspeed=None) -> TrainState:
     """Post-train ``policy`` in place with ``algo`` on ``examples``; returns the training record."""
+    loop_options, hparams = split_loop_options(algo, hparams)
+    sync = ReferenceSync.from_options(loop_options, reference, algo.name)
     objective = OBJECTIVES[algo.loop_objective]
     prepare = PREPARERS[algo.family]
-    steps_per_epoch, total = plan(len(examples), trainer)
+    updates_per_batch = int(UPDATES_PER_STEP[algo.family](algo, hparams))
+    batches_per_epoch, total = plan(len(examples), trainer, updates_per_batch)
+    total_batches = math.ceil(total / updates_per_batch)
     engine = make_engine(policy, trainer, total, deepspeed, checkpoint_dir=checkpoint_dir)
     model = engine.model  # forwards go through the engine (DeepSpeed wraps the module); == policy without it
-    state = TrainState()
+    state, memory = TrainState(), LoopMemory()
     ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if ckpt_path is not None and ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path, engine)
+        state, memory = _load_checkpoint(ckpt_path, engine)
         state.resumed_from = state.step
+    if sync.every is not None:  # a moving reference is part of the run's state (restored here on resume)
+        memory.get("reference", lambda: ReferenceWeights(reference))
     every = int(trainer.checkpoint_every or 0)
     policy.train()
     bar = tqdm(total=total, initial=state.step, desc=f"training {algo.name}", unit="step",
                disable=not progress or engine.rank != 0)
-    for micro_batches in step_batches(examples, trainer, seed, state.step, total, engine.rank, engine.world_size):
-        started = time.perf_counter()
-        batches, rollout_stats = prepare(model, reference, tokenizer, algo, hparams, micro_batches,
-                                         max_length=max_length, seed=seed, step=state.step)
-        batches = [{k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-        # the whole step's counts over all ranks: every rank's losses are shares of the same global mean
-        n_examples, n_tokens = engine.all_reduce_sum([sum(len(mb) for mb in micro_batches),
-                                                      int(sum(b["completion_mask"][:, 1:].sum() for b in batches))])
-        ctx = StepContext(examples=int(n_examples), tokens=int(n_tokens))
-        step_loss, stats = 0.0, {}
-        for batch in batches:
-            loss, micro_stats = objective(model, reference, batch, algo, hparams, ctx)
-            engine.backward(loss)
-            step_loss += loss.item()
-            for key, value in micro_stats.items():
-                stats[key] = stats.get(key, 0.0) + value / len(batches)
-        grad_norm = engine.step()
-        seen_tokens = int(sum(b["attention_mask"].sum() for b in batches))
-        if engine.world_size > 1:  # the step's loss is the sum of the ranks' shares; statistics are rank means
-            keys, rkeys = sorted(stats), sorted(rollout_stats)
-            step_loss, seen_tokens, *means = engine.all_reduce_sum(
-                [step_loss, seen_tokens, *(stats[k] for k in keys), *(float(rollout_stats[k]) for k in rkeys)])
-            stats = {k: v / engine.world_size for k, v in zip(keys, means)}
-            rollout_stats = {k: v / engine.world_size for k, v in zip(rkeys, means[len(keys):])}
-        state.step += 1
-        state.examples += ctx.examples
-        state.tokens += int(seen_tokens)
+    for micro_batches in step_batches(examples, trainer, seed, state.batches, total_batches, engine.rank,
+                                      engine.world_size):
+        started, step_before = time.perf_counter(), state.step
+        updates, rollout_stats = prepare(model, reference, tokenizer, algo, hparams, micro_batches,
+                                         max_length=max_length, seed=seed, step=state.batches, memory=memory)
+        rollout_stats = engine.mean_over_ranks(rollout_stats)
+        reward = rollout_stats.get("reward_mean")
+        for update in updates[: total - state.step]:
+            step_loss, stats, grad_norm, seen_tokens = optimizer_update(engine, model, reference, objective, algo,
+                                                                        hparams, update, memory)
+            state.step += 1
+            state.tokens += seen_tokens
+            state.loss_curve.append([state.step, round(step_loss, 6)])
+            if log is not None and (state.step % int(trainer.log_every or 1) == 0 or state.step == total):
+                log({"train/loss": step_loss, "train/lr": engine.lr, "train/grad_norm": grad_norm,
+                     "train/epoch": state.step / (batches_per_epoch * updates_per_batch),
+                     **{f"train/{k}": v for k, v in stats.items()},
+                     **{f"rollout/{k}": v for k, v in rollout_stats.items()}}, state.step)
+                rollout_stats = {}  # a rollout's statistics are logged once, with its first logged update
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+        state.batches += 1
+        state.examples += int(engine.all_reduce_sum([sum(len(mb) for mb in micro_batches)])[0])
         state.seconds += time.perf_counter() - started
-        state.loss_curve.append([state.step, round(step_loss, 6)])
-        if "reward_mean" in rollout_stats:
-            state.reward_curve.append([state.step, round(float(rollout_stats["reward_mean"]), 6)])
-        if log is not None and (state.step % int(trainer.log_every or 1) == 0 or state.step == total):
-            log({"train/loss": step_loss, "train/lr": engine.lr, "train/grad_norm": grad_norm,
-                 "train/epoch": state.step / steps_per_epoch, **{f"train/{k}": v for k, v in stats.items()},
-                 **{f"rollout/{k}": v for k, v in rollout_stats.items()}},
-                state.step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        due = every and state.step % every == 0 or state.step % steps_per_epoch == 0
+        if reward is not None:
+            state.reward_curve.append([state.step, round(float(reward), 6)])
+        if sync.due(step_before, state.step, state.batches, batches_per_epoch) and state.step < total:
+            with gathered(model) as bare:  # ZeRO-3: every rank gathers, every rank moves its reference copy
+                sync_reference(reference, bare, sync.alpha)
+        due = (every and state.step // every > step_before // every) or state.batches % batches_per_epoch == 0
         if ckpt_path is not None and due and state.step < total:
-            _save_checkpoint(ckpt_path, engine, state)
+            _save_checkpoint(ckpt_path, engine, state, memory)
     bar.close()
     return state

@@ -14,14 +14,39 @@ from dataclasses import dataclass
 import torch
 
 from posttrain import losses
-from posttrain.algorithms.online import online, prepare_online
+from posttrain.losses._common import lookup
+from posttrain.algorithms.memory import LoopMemory, RunningMean
+from posttrain.algorithms.online import online, prepare_online, updates_per_step
 from posttrain.data.collate import collate
 
 
 @dataclass(frozen=True)
 class StepContext:
-    examples: int  # examples in the whole accumulated optimizer step
-    tokens: int  # completion tokens in the whole accumulated optimizer step
+    examples: int  # examples in the whole accumulated optimizer step (over all ranks)
+    tokens: int  # completion tokens in the whole accumulated optimizer step (over all ranks)
+    memory: LoopMemory | None = None  # state carried across steps (running statistics, PPO's value head)
+
+
+def _running(spec, hparams: dict, memory: LoopMemory | None) -> tuple[dict, list]:
+    """The loss spec's running hyperparameters (beta-DPO's margin mean, BCO's delta) that the run left None, filled
+    from the loop memory's running means; returns ``(hparams, [(statistic, Running)])`` to observe after the loss."""
+    hp, observers = dict(hparams), []
+    if memory is None:
+        return hp, observers
+    for key, running in spec.running.items():
+        if hp.get(key, spec.defaults.get(key)) is None:
+            stat = memory.get(f"running/{key}", lambda r=running: RunningMean(r.momentum))
+            hp[key] = stat.value  # None before the first step's commit: the batch's own mean
+            observers.append((key, stat, running))
+    return hp, observers
+
+
+def _observe(observers: list, inputs, fn_hparams: dict, stats: dict) -> None:
+    """Feed this micro-batch to the running statistics (committed by the loop after the optimizer step)."""
+    for key, stat, running in observers:
+        stat.observe(running.observe(inputs, fn_hparams))
+        if stat.value is not None:
+            stats[f"running/{key}"] = stat.value
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,9 +117,13 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
         with reference.active() as ref_model:
             ref_tok = token_logps(ref_model, batch["input_ids"], batch["attention_mask"])
         ref_chosen, ref_rejected = _pair_logps(ref_tok, mask, n, ld_alpha)
-    per_example = losses.pairwise(algo.loss, chosen, rejected, ref_chosen, ref_rejected,
-                                  chosen_len=lengths[:n], rejected_len=lengths[n:], **loss_hp)
+    spec = lookup(losses.PAIRWISE_LOSSES, algo.loss, "pairwise")
+    loss_hp, observers = _running(spec, loss_hp, ctx.memory)
+    inputs, fn_hp = losses.pairwise_inputs(algo.loss, chosen, rejected, ref_chosen, ref_rejected,
+                                           chosen_len=lengths[:n], rejected_len=lengths[n:], **loss_hp)
+    per_example = spec.fn(inputs, **fn_hp)
     stats = {"logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item()}
+    _observe(observers, inputs, fn_hp, stats)
     if wpo:
         sq = losses.options.log_sum_sq_probs(logits)
         weights = (losses.options.wpo_weights(token_lp[:n], sq[:n], mask[:n])
@@ -136,18 +165,38 @@ def unpaired(policy, reference, batch, algo, hparams, ctx):
     seq, lengths = sequence_logps(policy, batch)
     ref = _reference_logps(reference, batch) if reference.enabled else torch.zeros_like(seq)
     anchor = losses.kto_kl_anchor(seq[n:].detach(), ref[n:])
-    per_example = losses.unpaired(algo.loss, seq[:n], ref[:n], batch["desirable"], kl_anchor=anchor,
-                                  lengths=lengths[:n], **hparams)
-    return per_example.sum() / ctx.examples, {"kl_anchor": float(anchor), "logps/completion": seq[:n].mean().item()}
+    spec = lookup(losses.UNPAIRED_LOSSES, algo.loss, "unpaired")
+    hp, observers = _running(spec, hparams, ctx.memory)
+    inputs, fn_hp = losses.unpaired_inputs(algo.loss, seq[:n], ref[:n], batch["desirable"], kl_anchor=anchor,
+                                           lengths=lengths[:n], **hp)
+    stats = {"kl_anchor": float(anchor), "logps/completion": seq[:n].mean().item()}
+    _observe(observers, inputs, fn_hp, stats)
+    return spec.fn(inputs, **fn_hp).sum() / ctx.examples, stats
 
 
-def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step):
-    """Offline families: tokenise each micro-batch of examples; no rollout statistics."""
-    return [collate(algo.data, tokenizer, mb, max_length) for mb in micro_batches], {}
+def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
+                    memory=None):
+    """Offline families: tokenise each micro-batch of examples into ONE optimizer update; no rollout statistics."""
+    batches = []
+    for mb in micro_batches:
+        batch = collate(algo.data, tokenizer, mb, max_length)
+        batch["examples"] = len(mb)
+        batches.append(batch)
+    return [batches], {}
+
+
+def one_update(algo, hparams) -> int:
+    return 1
 
 
 #: Family -> objective. The loop looks the family up here; there is no chain over algorithm names.
-OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "token_pairwise": token_pairwise, "unpaired": unpaired, "online": online}
-#: Family -> how a step's examples become batches (online families add their rollout phase here).
+OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "token_pairwise": token_pairwise, "unpaired": unpaired,
+              "online": online}
+#: Family -> how a step's examples become optimizer updates: ``fn(...) -> ([[micro-batch, ...], ...], stats)``, one
+#: inner list per update, each micro-batch carrying ``examples`` (its share of the update's example count). Offline:
+#: one update per batch of examples; online: the rollout phase, then ``num_iterations`` x ``num_minibatches`` updates.
 PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": offline_batches,
              "online": prepare_online}
+#: Family -> ``fn(algo, hparams) -> optimizer updates per batch of examples`` (the loop's schedule needs it upfront).
+UPDATES_PER_STEP = {"supervised": one_update, "pairwise": one_update, "unpaired": one_update,
+                    "online": updates_per_step}

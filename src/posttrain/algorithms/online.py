@@ -19,19 +19,28 @@ hyperparameters (``algo.*``), merged in that order. The hyperparameters are spli
 keys the loss accepts go to the loss, the rest must be rollout keys (``ROLLOUT_DEFAULTS``; anything else is a
 ValueError naming both lists).
 
-On-policy: the loop takes exactly one optimizer step per rollout, and every micro-batch of a step is evaluated
-before that step's update, so the sampling policy pi_old IS the policy of the objective's forward. The objective
-therefore passes ``old_logps=None`` (TRL's ``old = current.detach()`` for ``num_iterations=1``): the importance
-ratio is exactly 1 and the gradient is the on-policy policy gradient. Old log-probs are computed in the rollout
-phase (no grad) only where something consumes them: the KL folded into the reward (k1 = old - ref) and PPO.
+Updates per rollout (ALGORITHMS 5, "common rollout loop"): the rollout of a batch of prompts feeds
+``num_iterations`` (mu: TRL's ``num_iterations``, PPO's epochs) passes, each split into ``num_minibatches``
+consecutive minibatches of the step's micro-batches (PPO's mini-batches; TRL's ``steps_per_generation`` counted in
+optimizer steps), one optimizer step each: ``num_iterations * num_minibatches`` steps per rollout
+(``updates_per_step``; the loop's schedule and ``trainer.max_steps`` count them). With both at 1 (the default, TRL's
+and the study's) the run is on-policy: every micro-batch is evaluated before the one update, so the sampling policy
+pi_old IS the policy of the objective's forward, the objective passes ``old_logps=None`` (TRL's
+``old = current.detach()``) and the ratio is exactly 1 -- sgrpo, gspo and cispo then differ only in how they
+aggregate. With more than one update per rollout the rollout phase records pi_old's log-probs (no grad) and every
+later update sees a ratio != 1, where the clipping (token, sequence, importance-weight) makes the methods differ.
+Old log-probs are also computed where something else consumes them: the KL folded into the reward (k1 = old - ref)
+and PPO's per-token rewards. ``num_minibatches`` should divide the micro-batches a rank has per step
+(``grad_accum / ranks``); a minibatch left empty (DAPO's filter, a short last step) is a no-op optimizer step.
 
-Aggregation and gradient accumulation (``ctx.tokens`` = completion tokens of the whole optimizer step):
-losses in ``STEP_TOKEN_MEAN`` (cispo, reinforce_pp, remax, ppo, grpo with loss_type dapo) divide their token sum by
-``ctx.tokens`` (TRL's ``num_items_in_batch``), so a step is a true token mean whatever the micro-batch split; the
+Aggregation and gradient accumulation (``ctx`` = the whole optimizer update over all ranks): losses in
+``STEP_TOKEN_MEAN`` (cispo, reinforce_pp, remax, ppo, grpo with loss_type dapo) divide their token sum by
+``ctx.tokens`` (TRL's ``num_items_in_batch``), so an update is a true token mean whatever the micro-batch split; the
 others are micro-batch means (sgrpo and grpo/bnpo: the micro-batch's token mean, as OXRL and TRL; gspo, rloo,
 grpo/grpo: sequence means; dr_grpo: sum / (B * max_completion_length)) weighted by the micro-batch's share of the
-step's completions (= TRL's division by the accumulation steps for equal micro-batches).
-``micro_batch_size`` counts prompts: a micro-batch holds ``micro_batch_size * num_samples`` completions.
+update's completions (``examples / ctx.examples``; = TRL's division by the accumulation steps for equal
+micro-batches). ``micro_batch_size`` counts prompts: a micro-batch holds ``micro_batch_size * num_samples``
+completions.
 
 DAPO (Yu et al. 2025, arXiv 2503.14476), all driven by hyperparameters: ``dynamic_sampling`` drops groups whose RAW
 accuracy (``accuracy_reward``, not the shaped reward) is all 0 or all 1 and back-fills the step with fresh groups,
@@ -41,21 +50,25 @@ without EOS from the loss; ``overlong_buffer_frac`` > 0 adds the soft overlong p
 ``frac * max_new_tokens`` tokens; clip-higher is the loss's ``eps_high``.
 
 PPO keeps a value head (an MLP on the policy's detached last hidden state, zero-initialised output) with its own
-Adam optimizer; it is fitted in the rollout phase on each rollout's returns (clipped value loss, ``vf_epochs``
-passes) after the advantages were computed with the pre-update values. The head is not part of the loop's
-checkpoint: a resumed PPO run restarts it from zero.
+Adam optimizer in the loop's memory (checkpointed with the weights, so a resumed PPO run continues with the same
+critic); it is fitted in the rollout phase on each rollout's returns (clipped value loss, ``vf_epochs`` passes)
+after the advantages were computed with the pre-update values. PPO runs TRL's ``num_ppo_epochs`` = 4 policy passes
+per rollout (``num_iterations``).
 """
 
 from __future__ import annotations
 
-import weakref
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from posttrain.algorithms.memory import LoopMemory
+from posttrain.algorithms.reference_sync import LOOP_OPTIONS
 from posttrain.losses import advantages as adv_lib
 from posttrain.losses.policy_gradient import policy_gradient_and_stats, ppo_value_loss
+from posttrain.models.engine import gathered
 from posttrain.rewards import REWARD_FUNCTIONS, compute_rewards, overlong_penalty, weighted_sum
 from posttrain.rollout import SamplingConfig, sample
 
@@ -76,6 +89,9 @@ ROLLOUT_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0,
     "max_new_tokens": 128,
     "generation_batch_size": 256,
+    # optimizer updates per rollout: num_iterations passes x num_minibatches minibatches (1 x 1: on-policy)
+    "num_iterations": 1,
+    "num_minibatches": 1,
     # rewards: {name: weight} over posttrain.rewards.REWARD_FUNCTIONS, summed (TRL sum-then-normalise)
     "rewards": {"strict": 1.0},
     "accuracy_reward": "strict",  # the RAW accuracy (dynamic sampling filter, accuracy_mean)
@@ -123,7 +139,7 @@ def split_hparams(algo, hparams: dict | None) -> tuple[dict, dict]:
     settings come back complete (``ROLLOUT_DEFAULTS`` filled in). dr_grpo's ``max_completion_length`` defaults to
     ``max_new_tokens`` (ALGORITHMS 6.8: keep the constant consistent with the generation length).
     """
-    merged = {**dict(algo.options), **dict(hparams or {})}
+    merged = {k: v for k, v in {**dict(algo.options), **dict(hparams or {})}.items() if k not in LOOP_OPTIONS}
     spec = algo.loss_spec
     loss_keys = set(spec.defaults) if spec is not None else set()
     loss_hp = {k: v for k, v in merged.items() if k in loss_keys}
@@ -136,10 +152,12 @@ def split_hparams(algo, hparams: dict | None) -> tuple[dict, dict]:
     rc["rewards"] = {str(k): float(v) for k, v in dict(rc["rewards"]).items()}
     if "max_completion_length" in loss_keys and "max_completion_length" not in loss_hp:
         loss_hp["max_completion_length"] = int(rc["max_new_tokens"])
-    for key in ("num_samples", "max_new_tokens", "generation_batch_size", "max_sampling_tries", "vf_epochs"):
+    for key in ("num_samples", "max_new_tokens", "generation_batch_size", "max_sampling_tries", "vf_epochs",
+                "num_iterations", "num_minibatches"):
         rc[key] = int(rc[key])
-    if rc["num_samples"] < 1:
-        raise ValueError(f"{algo.name}: num_samples must be >= 1, got {rc['num_samples']}")
+    for key in ("num_samples", "num_iterations", "num_minibatches"):
+        if rc[key] < 1:
+            raise ValueError(f"{algo.name}: {key} must be >= 1, got {rc[key]}")
     if rc["advantage"] not in ADVANTAGES:
         raise ValueError(f"{algo.name}: unknown advantage {rc['advantage']!r}; known: {sorted(ADVANTAGES)}")
     if rc["objective"] not in PREPARE:
@@ -149,6 +167,21 @@ def split_hparams(algo, hparams: dict | None) -> tuple[dict, dict]:
         raise ValueError(f"{algo.name}: unknown reward function(s) {unknown_rewards}; known: "
                          f"{sorted(REWARD_FUNCTIONS)}")
     return loss_hp, rc
+
+
+def updates_per_step(algo, hparams: dict | None) -> int:
+    """Optimizer updates per rollout (UPDATES_PER_STEP["online"]): ``num_iterations * num_minibatches``."""
+    _, rc = split_hparams(algo, hparams)
+    return rc["num_iterations"] * rc["num_minibatches"]
+
+
+def schedule_updates(batches: list[dict], rc: dict) -> list[list[dict]]:
+    """The rollout's micro-batches as optimizer updates: ``num_iterations`` passes, each over ``num_minibatches``
+    consecutive minibatches (a minibatch may be empty when the rollout has fewer micro-batches than that)."""
+    m = rc["num_minibatches"]
+    per = math.ceil(len(batches) / m) if batches else 0
+    minibatches = [batches[i * per:(i + 1) * per] for i in range(m)]
+    return [list(mb) for _ in range(rc["num_iterations"]) for mb in minibatches]
 
 
 def uses_step_tokens(loss: str, loss_hp: dict) -> bool:
@@ -420,20 +453,31 @@ _NEEDS_VALUES = {"gae"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# PPO's value head (kept per policy object; fitted in the rollout phase)
-
-_VALUE_HEADS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# PPO's value head (in the loop's memory: checkpointed; fitted in the rollout phase)
 
 
-def value_head(policy, hidden_size: int, rc: dict):
-    """The policy's value head and its optimizer, created on first use (output layer zero: V = 0 at start)."""
-    if policy not in _VALUE_HEADS:
-        head = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.Tanh(),
-                                   torch.nn.Linear(hidden_size, 1)).to(_device(policy))
-        torch.nn.init.zeros_(head[2].weight)
-        torch.nn.init.zeros_(head[2].bias)
-        _VALUE_HEADS[policy] = (head, torch.optim.Adam(head.parameters(), lr=float(rc["vf_lr"])))
-    return _VALUE_HEADS[policy]
+class ValueHead:
+    """PPO's critic: an MLP on the policy's detached last hidden state (output layer zero: V = 0 at start) and its
+    own Adam optimizer; ``state_dict``/``load_state_dict`` let the loop checkpoint both."""
+
+    def __init__(self, hidden_size: int, lr: float, device):
+        self.head = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.Tanh(),
+                                        torch.nn.Linear(hidden_size, 1)).to(device)
+        torch.nn.init.zeros_(self.head[2].weight)
+        torch.nn.init.zeros_(self.head[2].bias)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=float(lr))
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def value_head(policy, memory: LoopMemory, rc: dict) -> ValueHead:
+    """The run's value head, created on first use."""
+    return memory.get("value_head", lambda: ValueHead(_hidden_size(policy), rc["vf_lr"], _device(policy)))
 
 
 def _hidden_size(policy) -> int:
@@ -478,7 +522,7 @@ def _reference_logps(reference, step: dict, chunks, temperature: float) -> torch
 
 
 def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *,
-                             max_length, seed, step):
+                             max_length, seed, step, memory):
     first = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
                            _sampling_seed(seed, step, 0))
     stats = rollout_stats(first)
@@ -506,13 +550,12 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
     temperature = float(rc["temperature"])
 
     need_ref = algo.needs_reference({**loss_hp, **rc})
-    need_old = float(rc["reward_kl_coef"] or 0.0) != 0.0 or rc["advantage"] in _NEEDS_OLD_LOGPS
-    head = optimizer = None
-    if rc["advantage"] in _NEEDS_VALUES:
-        head, optimizer = value_head(policy, _hidden_size(policy), rc)
-    old_logps, states = _forward_logps(policy, batch, chunks, temperature, hidden=head is not None) if need_old \
-        else (None, None)
-    values = _values(head, states, mask.shape) if head is not None else None
+    off_policy = rc["num_iterations"] * rc["num_minibatches"] > 1  # later updates need pi_old's log-probs
+    need_old = off_policy or float(rc["reward_kl_coef"] or 0.0) != 0.0 or rc["advantage"] in _NEEDS_OLD_LOGPS
+    critic = value_head(policy, memory, rc) if rc["advantage"] in _NEEDS_VALUES else None
+    old_logps, states = _forward_logps(policy, batch, chunks, temperature, hidden=critic is not None) \
+        if need_old else (None, None)
+    values = _values(critic.head, states, mask.shape) if critic is not None else None
     ref_logps = _reference_logps(reference, batch, chunks, temperature) if need_ref else None
     inputs = AdvantageInputs(
         scores=torch.cat([g.score for g in groups]), group_size=G, mask=mask, rc=rc, old_logps=old_logps,
@@ -520,8 +563,9 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
         greedy_scores=(torch.tensor([g.greedy_score for g in groups for _ in g.completion_ids], dtype=torch.float32)
                        if rc["advantage"] in _NEEDS_GREEDY else None))
     advantages = ADVANTAGES[rc["advantage"]](inputs)
-    if head is not None:
-        stats["value_loss"] = _fit_value_head(head, optimizer, states, values, inputs.extra["returns"], mask, rc)
+    if critic is not None:
+        stats["value_loss"] = _fit_value_head(critic.head, critic.optimizer, states, values, inputs.extra["returns"],
+                                              mask, rc)
         stats["value_mean"] = float(values[mask].mean()) if mask.any() else 0.0
     if ref_logps is not None and old_logps is not None and mask.any():
         stats["kl_ref_rollout"] = float((old_logps - ref_logps)[mask].mean())
@@ -540,15 +584,16 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
         mb["advantages"] = advantages[rows_] if advantages.dim() == 1 else advantages[rows_, : w - 1]
         if ref_logps is not None:
             mb["ref_logps"] = ref_logps[rows_, : w - 1]
+        if off_policy:
+            mb["old_logps"] = old_logps[rows_, : w - 1]
         mb.update(objective="policy_gradient", loss_hparams=loss_hp, temperature=temperature,
-                  step_tokens=step_tokens,
-                  loss_scale=1.0 if step_tokens else (rows_.stop - rows_.start) / len(rows))
+                  step_tokens=step_tokens, examples=rows_.stop - rows_.start)
         out.append(mb)
     return out, stats
 
 
 def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                      step):
+                      step, memory):
     groups = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
                             _sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
@@ -575,13 +620,13 @@ def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples,
             continue
         rows = [(p, c) for p, c, _ in bucket] + [(p, r) for p, _, r in bucket]
         mb = pad_rows(rows, tokenizer.pad_token_id, max_length)
-        mb.update(pairs=len(bucket), objective="pairwise", loss_hparams=loss_hp, step_items=total)
+        mb.update(pairs=len(bucket), examples=len(bucket), objective="pairwise", loss_hparams=loss_hp)
         out.append(mb)
     return out, stats
 
 
 def _prepare_supervised(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                        step):
+                        step, memory):
     groups = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
                             _sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
@@ -598,7 +643,7 @@ def _prepare_supervised(policy, reference, tokenizer, algo, loss_hp, rc, example
     for rows in kept:
         if rows:
             mb = pad_rows(rows, tokenizer.pad_token_id, max_length)
-            mb.update(objective="supervised", loss_hparams=loss_hp)
+            mb.update(examples=len(rows), objective="supervised", loss_hparams=loss_hp)
             out.append(mb)
     return out, stats
 
@@ -608,11 +653,15 @@ PREPARE = {"policy_gradient": _prepare_policy_gradient, "pairwise": _prepare_pai
            "supervised": _prepare_supervised}
 
 
-def prepare_online(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step):
-    """The rollout phase (PREPARERS["online"]): ``(batches, rollout_stats)`` for one optimizer step.
+def prepare_online(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
+                   memory: LoopMemory | None = None):
+    """The rollout phase (PREPARERS["online"]): ``(updates, rollout_stats)`` for one batch of prompts, ``updates``
+    being ``num_iterations * num_minibatches`` lists of micro-batches (see ``schedule_updates``).
 
     ``micro_batches`` are the step's examples as the loop split them (``micro_batch_size`` prompts each); the
-    rollout samples the whole step at once (better generation batches) and splits the result the same way.
+    rollout samples the whole step at once (better generation batches) and splits the result the same way. Under
+    ZeRO-3 every rank gathers the policy's weights for the whole rollout phase (sampling and the no-grad forwards),
+    so each rank may generate and score a different number of sequences.
     ``rollout_stats`` (logged as ``rollout/*``; ``reward_mean`` feeds the reward curve): reward_mean / reward_std
     (task reward over every completion sampled first), accuracy_mean, score_mean (after shaping),
     frac_zero_std_groups, completion_length_mean (tokens), truncated_frac, plus what the method adds (pairs, kept,
@@ -621,10 +670,13 @@ def prepare_online(policy, reference, tokenizer, algo, hparams, micro_batches, *
     loss_hp, rc = split_hparams(algo, hparams)
     examples = [e for mb in micro_batches for e in mb]
     if not examples:
-        return [], {}
+        return schedule_updates([], rc), {}
     mb_size = max(len(mb) for mb in micro_batches)
-    return PREPARE[rc["objective"]](policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size,
-                                    max_length=max_length, seed=seed, step=step)
+    with gathered(policy) as bare:  # ZeRO-3: full weights on every rank (collective); the bare module otherwise
+        batches, stats = PREPARE[rc["objective"]](bare, reference, tokenizer, algo, loss_hp, rc, examples, mb_size,
+                                                  max_length=max_length, seed=seed, step=step,
+                                                  memory=memory if memory is not None else LoopMemory())
+    return schedule_updates(batches, rc), stats
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -639,8 +691,9 @@ def _policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
     hp = dict(batch["loss_hparams"])
     if batch.get("step_tokens"):
         hp["num_items"] = ctx.tokens
-    ref = batch.get("ref_logps")
-    loss, pg = policy_gradient_and_stats(algo.loss, lp, None, batch["advantages"].to(device), mask,
+    ref, old = batch.get("ref_logps"), batch.get("old_logps")  # old: only with several updates per rollout
+    loss, pg = policy_gradient_and_stats(algo.loss, lp, None if old is None else old.to(device),
+                                         batch["advantages"].to(device), mask,
                                          ref_logps=None if ref is None else ref.to(device), **hp)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
@@ -650,13 +703,11 @@ def _policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
         # entropy estimate from the sampled tokens: E[-log pi(y_t)] (unbiased at temperature 1, top_p 1)
         stats["entropy"] = float(-(lp.detach() * mask).sum() / n)
         stats["logps/completion"] = float(((lp.detach() * mask).sum(-1)).mean())
-    return loss * float(batch["loss_scale"]), stats
+    return (loss if batch.get("step_tokens") else loss * float(batch["examples"]) / ctx.examples), stats
 
 
 def _pairwise_objective(policy, reference, batch, algo, hparams, ctx):
-    objectives = _objectives()
-    return objectives.pairwise(policy, reference, batch, algo, batch["loss_hparams"],
-                               objectives.StepContext(examples=int(batch["step_items"]), tokens=ctx.tokens))
+    return _objectives().pairwise(policy, reference, batch, algo, batch["loss_hparams"], ctx)
 
 
 def _supervised_objective(policy, reference, batch, algo, hparams, ctx):
@@ -671,8 +722,8 @@ def online(policy, reference, batch, algo, hparams, ctx):
     """The ``online`` family's objective (OBJECTIVES["online"]) on one micro-batch from ``prepare_online``.
 
     policy_gradient: per-token log-probs (``token_logps``; logits / temperature when it is not 1), then
-    ``policy_gradient(algo.loss, logps, old_logps=None, advantages, mask, ref_logps, **loss_hparams)`` (ratio exactly
-    1: see the module docstring), logging pg/clip_frac, pg/ratio_mean, pg/kl_ref (with a reference),
+    ``policy_gradient(algo.loss, logps, old_logps, advantages, mask, ref_logps, **loss_hparams)`` (``old_logps`` None,
+    ratio exactly 1, with one update per rollout: see the module docstring), logging pg/clip_frac, pg/ratio_mean, pg/kl_ref (with a reference),
     pg/advantage_mean, entropy (sampled-token estimate) and logps/completion. pairwise / supervised: the offline
     objectives on the generated pairs / kept samples, normalised over the step's pairs / tokens.
     """

@@ -126,12 +126,13 @@ ONLINE = (
     _online("reinforce_pp", "reinforce_pp", advantage="reinforce_pp", reward_kl_coef=0.01),
     # ReMax (5.9): one sample and one greedy decode per prompt, A = R - R_greedy
     _online("remax", "remax", advantage="remax", num_samples=1),
-    # PPO (5.1): value head + GAE, KL (k1) in the per-token reward, TRL kl_coef 0.05
-    _online("ppo", "ppo", advantage="gae", reward_kl_coef=0.05),
+    # PPO (5.1): value head + GAE, KL (k1) in the per-token reward, TRL kl_coef 0.05 and num_ppo_epochs 4
+    _online("ppo", "ppo", advantage="gae", reward_kl_coef=0.05, num_iterations=4),
     # Online DPO (4.1): 2 samples, best vs worst by reward, DPO against the frozen reference
     _online("online_dpo", "dpo", objective="pairwise", chosen="best_sample", num_samples=2),
-    # SPIN (4.2): chosen = the gold solution, rejected = a sample of the current policy
-    _online("spin", "dpo", data="gold", objective="pairwise", chosen="gold", num_samples=1),
+    # SPIN (4.2): chosen = the gold solution, rejected = a sample of the current policy; the reference moves to
+    # the policy at every epoch end (one epoch = one SPIN iteration, algorithms/reference_sync)
+    _online("spin", "dpo", data="gold", objective="pairwise", chosen="gold", num_samples=1, ref_sync_steps="epoch"),
     # RFT (4.3): SFT on the samples that pass the verifier, de-duplicated
     _online("rft", None, objective="supervised", keep_threshold=0.5),
 )

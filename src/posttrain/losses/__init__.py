@@ -8,8 +8,8 @@
 """
 
 from posttrain.losses.supervised import token_nll  # noqa: F401
-from posttrain.losses.pairwise import PAIRWISE_LOSSES, pairwise  # noqa: F401
-from posttrain.losses.unpaired import UNPAIRED_LOSSES, kto_kl_anchor, unpaired  # noqa: F401
+from posttrain.losses.pairwise import PAIRWISE_LOSSES, pairwise, pairwise_inputs  # noqa: F401
+from posttrain.losses.unpaired import UNPAIRED_LOSSES, kto_kl_anchor, unpaired, unpaired_inputs  # noqa: F401
 from posttrain.losses.policy_gradient import POLICY_GRADIENT_LOSSES, policy_gradient  # noqa: F401
 
 from posttrain.losses import options  # noqa: E402,F401 - WPO, LD-DPO, f-DPO scores, TDPO

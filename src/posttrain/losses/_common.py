@@ -68,6 +68,20 @@ def as_lengths(n: Any, like: torch.Tensor, what: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Running:
+    """A hyperparameter that stands for a running mean over training (beta-DPO's margin mean, BCO's delta).
+
+    ``observe(inputs, hparams)`` gives the detached per-example values of one batch (``inputs`` is the loss's own
+    Pair / Unpaired); the loop keeps their mean per optimizer step in a
+    :class:`posttrain.algorithms.memory.RunningMean` with ``momentum`` (None: cumulative mean of the step means) and
+    passes its value as the hyperparameter whenever the run leaves it None.
+    """
+
+    observe: Callable[[Any, dict], torch.Tensor]
+    momentum: float | None = None
+
+
+@dataclass(frozen=True)
 class LossSpec:
     """What the algorithm registry needs to know about one loss.
 
@@ -76,7 +90,8 @@ class LossSpec:
     term works on per-token averages (``S/|y|``), so beta is not comparable with the summed losses.
     ``needs_lengths``: the caller must pass completion lengths. ``f_divergence``: accepts the ``f_divergence`` /
     ``f_alpha`` hyperparameters of f-DPO (pairwise only). ``needs_kl_anchor``: the caller must compute KTO's z0
-    (unpaired only).
+    (unpaired only). ``running``: hyperparameters the training loop may feed from a running statistic of the data
+    (see :class:`Running`); called directly, the function uses the batch's own mean where such a value is None.
     """
 
     fn: Callable[..., torch.Tensor]
@@ -85,6 +100,7 @@ class LossSpec:
     needs_lengths: bool = False
     f_divergence: bool = False
     needs_kl_anchor: bool = False
+    running: dict = field(default_factory=dict)  # hparam name -> Running
     defaults: dict = field(init=False)
 
     def __post_init__(self):

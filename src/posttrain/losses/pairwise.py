@@ -34,6 +34,7 @@ import torch
 from posttrain.losses._common import (
     EXP_CLAMP,
     LossSpec,
+    Running,
     as_float,
     as_lengths,
     check_hparams,
@@ -360,7 +361,9 @@ def betadpo(x: Pair, *, beta: float = 0.1, a: float = 0.5, margin_mean: float | 
     ``beta_i = max(beta * (1 + a * (D_i - mu)), BETADPO_MIN_BETA)``, loss ``-logsigmoid(beta_i * D_i)``.
 
     ``mu`` is the running mean of margins. To keep the function pure the batch's own mean margin stands in for it
-    unless the caller passes its running mean as ``margin_mean``. beta_i is treated as a temperature and DETACHED
+    unless the caller passes its running mean as ``margin_mean``; the training loop does (the spec's ``running``:
+    an EMA of the step mean margins with the paper's momentum 0.9, kept and checkpointed in the loop's memory, see
+    posttrain.algorithms.memory; a number set as ``algo.margin_mean`` fixes mu instead). beta_i is treated as a temperature and DETACHED
     (the paper calibrates beta from the data; oxRL lets gradients flow through it)."""
     d = x.margin
     mu = d.detach().mean() if margin_mean is None else torch.as_tensor(margin_mean, dtype=d.dtype, device=d.device)
@@ -439,7 +442,7 @@ PAIRWISE_LOSSES: dict[str, LossSpec] = {
     "caldpo": LossSpec(caldpo),
     "focalpo": LossSpec(focalpo),
     "gpo": LossSpec(gpo),
-    "betadpo": LossSpec(betadpo),
+    "betadpo": LossSpec(betadpo, running={"margin_mean": Running(lambda x, hp: x.margin, momentum=0.9)}),
     "dpo_shift": LossSpec(dpo_shift),
     "minor_dpo": LossSpec(minor_dpo),
     "c2dpo": LossSpec(c2dpo),
@@ -473,6 +476,24 @@ def pairwise(
     accepted ones), missing reference log-probs for a reference-based loss, missing lengths where needed, and
     out-of-range hyperparameters. Reference-free losses ignore ``ref_*``.
     """
+    x, fn_hparams = pairwise_inputs(name, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                    chosen_len=chosen_len, rejected_len=rejected_len, **hparams)
+    return PAIRWISE_LOSSES[name].fn(x, **fn_hparams)
+
+
+def pairwise_inputs(
+    name: str,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None = None,
+    ref_rejected: Tensor | None = None,
+    *,
+    chosen_len: Tensor | None = None,
+    rejected_len: Tensor | None = None,
+    **hparams,
+) -> tuple[Pair, dict]:
+    """The checked inputs of ``pairwise``: ``(Pair, the loss function's own hparams)``; ``pairwise`` is
+    ``PAIRWISE_LOSSES[name].fn(*pairwise_inputs(...))``. The loop uses the Pair to observe running statistics."""
     spec = lookup(PAIRWISE_LOSSES, name, "pairwise")
     check_hparams(spec, name, "pairwise", hparams)
     if "beta" in hparams and not hparams["beta"] > 0:
@@ -508,8 +529,7 @@ def pairwise(
         chosen_ratio = f_divergence_scores(pc - rc, f_kind, f_alpha)
         rejected_ratio = f_divergence_scores(pr - rr, f_kind, f_alpha)
 
-    x = Pair(pc, pr, rc, rr, lw, ll, chosen_ratio, rejected_ratio)
-    return spec.fn(x, **hparams)
+    return Pair(pc, pr, rc, rr, lw, ll, chosen_ratio, rejected_ratio), hparams
 
 
-__all__ = ["EXP_CLAMP", "GPO_KINDS", "PAIRWISE_LOSSES", "Pair", "pairwise"]
+__all__ = ["EXP_CLAMP", "GPO_KINDS", "PAIRWISE_LOSSES", "Pair", "pairwise", "pairwise_inputs"]

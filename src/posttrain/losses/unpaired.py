@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.losses._common import LossSpec, as_float, check_hparams, logsigmoid, lookup
+from posttrain.losses._common import LossSpec, Running, as_float, check_hparams, logsigmoid, lookup
 
 Tensor = torch.Tensor
 
@@ -68,20 +68,25 @@ def apo_zero_unpaired(x: Unpaired, *, beta: float = 0.1, lambda_d: float = 1.0, 
     return torch.where(x.desirable, des, und)
 
 
-def bco(x: Unpaired, *, beta: float = 0.1, delta: float | Tensor = 0.0) -> Tensor:
+def bco(x: Unpaired, *, beta: float = 0.1, delta: float | Tensor | None = None) -> Tensor:
     """Unpaired BCO (Jung et al. 2024, arXiv 2404.04656): a logistic classifier on the implicit reward
     ``beta r`` shifted by ``delta``: desirable ``-logsigmoid(beta r - delta)``, undesirable
     ``-logsigmoid(-(beta r - delta))``. The paper's delta is a running mean of all implicit rewards (detached, updated
-    each step); the caller keeps it and passes it in, so the function stays pure. The UDM density-ratio weights of
-    TRL's experimental BCO trainer are not included."""
-    z = beta * x.logratio - torch.as_tensor(delta, dtype=x.logratio.dtype, device=x.logratio.device).detach()
+    each step). The function stays pure: with ``delta`` None the batch's own mean implicit reward stands in (what
+    TRL's first step uses); the training loop passes its running mean (the spec's ``running``: the cumulative mean of
+    the step means, TRL's ``RunningMoments``, kept and checkpointed in the loop's memory); a number fixes delta.
+    TRL's optional UDM (a prompt-embedding classifier whose density ratios re-weight the undesirable examples; off
+    unless TRL is given an embedding function) is not included."""
+    reward = beta * x.logratio
+    d = reward.detach().mean() if delta is None else torch.as_tensor(delta, dtype=reward.dtype, device=reward.device)
+    z = reward - d.detach()
     return torch.where(x.desirable, -logsigmoid(z), -logsigmoid(-z))
 
 
 UNPAIRED_LOSSES: dict[str, LossSpec] = {
     "kto": LossSpec(kto, needs_kl_anchor=True),
     "apo_zero_unpaired": LossSpec(apo_zero_unpaired),
-    "bco": LossSpec(bco),
+    "bco": LossSpec(bco, running={"delta": Running(lambda x, hp: hp.get("beta", 0.1) * x.logratio)}),
 }
 
 
@@ -101,6 +106,22 @@ def unpaired(
     accepted ones), missing reference log-probs, a missing ``kl_anchor`` where the loss needs it, and mismatched
     shapes.
     """
+    x, fn_hparams = unpaired_inputs(name, policy_logps, ref_logps, desirable, kl_anchor=kl_anchor, lengths=lengths,
+                                    **hparams)
+    return UNPAIRED_LOSSES[name].fn(x, **fn_hparams)
+
+
+def unpaired_inputs(
+    name: str,
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    *,
+    kl_anchor: Tensor | float | None,
+    lengths: Tensor | None = None,
+    **hparams,
+) -> tuple[Unpaired, dict]:
+    """The checked inputs of ``unpaired``: ``(Unpaired, the loss function's hparams)`` (see ``pairwise_inputs``)."""
     spec = lookup(UNPAIRED_LOSSES, name, "unpaired")
     check_hparams(spec, name, "unpaired", hparams)
     if "beta" in hparams and not hparams["beta"] > 0:
@@ -123,7 +144,7 @@ def unpaired(
         raise ValueError(f"unpaired loss {name!r} needs kl_anchor (z0); compute it with kto_kl_anchor")
     z0 = None if kl_anchor is None else torch.as_tensor(kl_anchor, dtype=p.dtype, device=p.device).detach()
     lens = None if lengths is None else torch.as_tensor(lengths, device=p.device).to(p.dtype).clamp(min=1.0)
-    return spec.fn(Unpaired(p - r, d, z0, lens), **hparams)
+    return Unpaired(p - r, d, z0, lens), hparams
 
 
-__all__ = ["UNPAIRED_LOSSES", "Unpaired", "kto_kl_anchor", "unpaired"]
+__all__ = ["UNPAIRED_LOSSES", "Unpaired", "kto_kl_anchor", "unpaired", "unpaired_inputs"]

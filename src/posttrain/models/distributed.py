@@ -138,10 +138,29 @@ def barrier() -> None:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks (float64 on the CPU with gloo, on the current GPU with NCCL); identity alone."""
+    return _all_reduce(values, "SUM")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum over ranks; identity alone."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     if world_size() == 1:
         return [float(v) for v in values]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
         else torch.device("cpu")
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return t.tolist()
+
+
+def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks that have it (ranks may log different keys: a rank with no batch logs none)."""
+    if world_size() == 1:
+        return dict(stats)
+    gathered: list = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, {k: float(v) for k, v in stats.items()})
+    keys = sorted({k for g in gathered for k in g})
+    return {k: sum(g[k] for g in gathered if k in g) / sum(1 for g in gathered if k in g) for k in keys}

@@ -1,7 +1,8 @@
 """The optimisation engine behind the loop: backward, step, schedule, state for checkpoints.
 
 Two engines behind the same calls (``backward``, ``step``, ``lr``, ``state_dict``/``load_state_dict``, plus ``model``
-for forwards, ``rank``/``world_size`` and ``all_reduce_sum`` for the data split):
+for forwards, ``rank``/``world_size`` and ``all_reduce_sum``/``all_reduce_max``/``mean_over_ranks`` for the data
+split and the logs):
 
 - ``TorchEngine``: plain PyTorch on one process (AdamW, cosine with linear warmup, gradient clipping).
 - ``DeepSpeedEngine``: DeepSpeed ZeRO 0-3, one rank per GPU (or per process on CPU with gloo), built from the
@@ -103,6 +104,12 @@ class TorchEngine:
     @staticmethod
     def all_reduce_sum(values: list[float]) -> list[float]:
         return [float(v) for v in values]
+
+    all_reduce_max = all_reduce_sum  # one process: the identity
+
+    @staticmethod
+    def mean_over_ranks(stats: dict) -> dict:
+        return dict(stats)
 
     def state_dict(self) -> dict:
         trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -262,6 +269,16 @@ class DeepSpeedEngine:
         from posttrain.models.distributed import all_reduce_sum
 
         return all_reduce_sum(values)
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        from posttrain.models.distributed import all_reduce_max
+
+        return all_reduce_max(values)
+
+    def mean_over_ranks(self, stats: dict) -> dict:
+        from posttrain.models.distributed import mean_over_ranks
+
+        return mean_over_ranks(stats)
 
     # Checkpoints: DeepSpeed's own (each rank writes its partitions) under <checkpoint_dir>/deepspeed/<tag>/; the
     # loop's checkpoint.pt (written by rank 0 after every rank returned from state_dict) names the tag, so it stays

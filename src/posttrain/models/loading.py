@@ -124,6 +124,18 @@ class Reference:
     def enabled(self) -> bool:
         return self._copy is not None or self._policy is not None
 
+    @property
+    def movable(self) -> bool:
+        """A separate copy whose weights may be updated (SPIN / TR-DPO reference sync); not a LoRA reference."""
+        return self._copy is not None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The reference copy itself (for syncing and checkpointing it; forwards go through ``active()``)."""
+        if self._copy is None:
+            raise RuntimeError("only a separate reference copy (lora=off) can be moved")
+        return self._copy
+
     @contextmanager
     def active(self):
         if not self.enabled:
