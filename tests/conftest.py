@@ -60,3 +60,15 @@ def random_qwen2(vocab_size: int, seed: int = 0):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+class Preempted(Exception):
+    """Raised by :func:`cut_at`'s log callback: the run is killed during that step (after its last checkpoint)."""
+
+
+def cut_at(step: int):
+    """A ``train(log=...)`` callback that kills the run at optimizer step ``step`` (``pytest.raises(Preempted)``)."""
+    def log(metrics, at):
+        if at == step:
+            raise Preempted
+    return log

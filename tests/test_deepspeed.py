@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,14 @@ PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {
 # uneven completion lengths (so ranks see different token counts) and 10 examples (a short last step of 2)
 SFT = [{"prompt": p["prompt"], "completion": p["chosen"] + "x" * (3 * (i % 5))} for i, p in enumerate(PAIRS[:10])]
 PROMPT = "Question: 4+4?\nAnswer:"
+PROMPTS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "answer": str(2 * i)} for i in range(8)]
+#: Online runs: a reward a random model earns about half the time, so each rank keeps a different number of samples
+ONLINE_HP = {"rewards": {"parity": 1.0}, "accuracy_reward": "parity", "max_new_tokens": 6, "num_samples": 2}
+ONLINE = ("sgrpo", "rft", "dapo")
+
+
+def parity_reward(completions, answers):
+    return torch.tensor([float(bool(c) and ord(c[0]) % 2 == 0) for c in completions])
 
 
 def trainer(**kw):
@@ -66,7 +75,8 @@ def tiny_model(vocab: int, seed: int = 0):
                                         tie_word_embeddings=True))
 
 
-def run_train(tok, algo_name, examples, tr, *, lora=False, deepspeed=None, checkpoint_dir=None, log=None):
+def run_train(tok, algo_name, examples, tr, *, lora=False, deepspeed=None, checkpoint_dir=None, log=None,
+              hparams=None):
     """(model, state, grad norms) of one run through posttrain.train.train."""
     from posttrain.algorithms import get
     from posttrain.models.loading import Reference, add_lora
@@ -76,7 +86,7 @@ def run_train(tok, algo_name, examples, tr, *, lora=False, deepspeed=None, check
     if lora:
         model = add_lora(model, OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}))
     algo = get(algo_name)
-    reference = Reference(model if algo.needs_reference({}) else None, lora=lora)
+    reference = Reference(model if algo.needs_reference(hparams or {}) else None, lora=lora)
     norms = []
 
     def record(metrics, step):
@@ -84,7 +94,7 @@ def run_train(tok, algo_name, examples, tr, *, lora=False, deepspeed=None, check
         if log is not None:
             log(metrics, step)
 
-    state = train(model, reference, tok, algo, {}, examples, tr, max_length=64, seed=0, progress=False,
+    state = train(model, reference, tok, algo, hparams or {}, examples, tr, max_length=64, seed=0, progress=False,
                   checkpoint_dir=checkpoint_dir, log=record, deepspeed=deepspeed)
     return model, state, norms
 
@@ -158,6 +168,15 @@ def worker(out: Path) -> None:
                         results["generate_rank0_only"] = greedy(bare, tok, 9)
                 # and training goes on afterwards: the partitions are intact
                 results["after_gather"] = all_reduce_sum([1.0])[0]
+        if stage == 3:  # generation under ZeRO-3 gathers first; ranks sample, keep and filter different amounts
+            from posttrain.rewards import REWARD_FUNCTIONS
+
+            REWARD_FUNCTIONS["parity"] = parity_reward
+            for algo in ONLINE:
+                model, state, _ = run_train(tok, algo, PROMPTS, trainer(max_steps=2), deepspeed=ds_config(stage),
+                                            hparams=ONLINE_HP)
+                results[f"online/{algo}"] = {"loss_curve": state.loss_curve, "reward_curve": state.reward_curve}
+                weights[f"online/{algo}"] = full_weights(model)
         if stage:
             for share in ("2+1", "3+0"):
                 loss, norm, w = uneven_update(tok, info.rank, info.world_size, share, ds_config(stage))
@@ -309,6 +328,18 @@ def test_ranks_with_fewer_micro_batches_pad_the_step_and_it_equals_the_one_proce
         assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
         assert got["norm"] == pytest.approx(ref["norm"], rel=1e-4)
         _close_weights(result["weights"][f"uneven/{share}/zero{stage}"], ref["weights"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ONLINE)
+def test_online_methods_run_under_zero3_with_every_rank_sampling_its_own_prompts(ranks, algo):
+    curves = [r[f"online/{algo}"] for r in ranks]
+    for got in curves:
+        assert [s for s, _ in got["loss_curve"]] == [1, 2] and len(got["reward_curve"]) == 2
+        assert all(math.isfinite(loss) for _, loss in got["loss_curve"])
+    assert all(c == curves[0] for c in curves), "the logged step loss and rollout mean are global"
+    for result in ranks[1:]:
+        _close_weights(result["weights"][f"online/{algo}"], ranks[0]["weights"][f"online/{algo}"], atol=0)
 
 
 @pytest.mark.slow

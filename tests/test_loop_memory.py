@@ -15,7 +15,7 @@ from posttrain.data.tokenizer import build_char_tokenizer
 from posttrain.models.loading import Reference
 from posttrain.train import CHECKPOINT_FILE, train
 
-from conftest import random_qwen2
+from conftest import Preempted, cut_at, random_qwen2
 
 PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {2 * i}",
           "rejected": f" {2 * i + 1}\n#### {2 * i + 1}"} for i in range(12)]
@@ -144,15 +144,8 @@ def test_resumed_run_continues_the_running_statistic(tok, tmp_path, name, exampl
     key = "train/running/" + ("margin_mean" if name == "betadpo" else "delta")
     assert len({round(m[key], 9) for m in logged if key in m}) > 2, "the statistic moves from step to step"
 
-    class Preempted(Exception):
-        pass
-
-    def cut(metrics, step):
-        if step == 5:
-            raise Preempted
-
     with pytest.raises(Preempted):
-        run(checkpoint_dir=tmp_path, log=cut)
+        run(checkpoint_dir=tmp_path, log=cut_at(5))
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
     assert saved["state"]["step"] == 4 and saved["memory"][key.removeprefix("train/")]["count"] == 4
     resumed_model, resumed = run(checkpoint_dir=tmp_path)

@@ -21,7 +21,7 @@ from posttrain.rewards import REWARD_FUNCTIONS, overlong_penalty
 from posttrain.rollout import SamplingConfig, sample
 from posttrain.train import CHECKPOINT_FILE, train
 
-from conftest import FAST, ROOT, launch, read_json, random_qwen2
+from conftest import FAST, ROOT, Preempted, cut_at, launch, read_json, random_qwen2
 
 ONLINE = ("sgrpo", "gspo", "cispo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "remax", "ppo",
           "online_dpo", "spin", "rft")
@@ -64,11 +64,12 @@ def _trainer(**kw):
     return OmegaConf.create({**base, **kw})
 
 
-def _prepare_updates(model, tok, name, hp=None, reference=None, examples=PROMPTS, split=4, step=0, memory=None):
+def _prepare_updates(model, tok, name, hp=None, reference=None, examples=PROMPTS, split=4, step=0, memory=None,
+                     pool=None):
     algo = get(name)
     mbs = [examples[i:i + split] for i in range(0, len(examples), split)]
     return prepare_online(model, reference or Reference(None), tok, algo, {**HP, **(hp or {})}, mbs,
-                          max_length=64, seed=0, step=step, memory=memory)
+                          max_length=64, seed=0, step=step, memory=memory, pool=pool)
 
 
 def _prepare(model, tok, name, hp=None, **kw):
@@ -222,11 +223,16 @@ def test_dynamic_sampling_drops_uninformative_groups_and_back_fills(tok):
     hp = {"num_samples": 2, "mask_truncated": False, "overlong_buffer_frac": 0.0}
     _, stats = _prepare(model, tok, "dapo", {**hp, "max_sampling_tries": 0})
     assert stats["dynamic_sampling/kept_frac"] < 1.0, "some 2-sample groups agree at the first try"
-    batches, stats = _prepare(model, tok, "dapo", {**hp, "max_sampling_tries": 10})
+    pool = PROMPTS + [{"prompt": f"Question: {i}*3?\nAnswer:", "answer": str(3 * i)} for i in range(8)]
+    batches, stats = _prepare(model, tok, "dapo", {**hp, "max_sampling_tries": 10}, pool=pool)
     assert stats["dynamic_sampling/kept_frac"] == 1.0 and stats["dynamic_sampling/tries"] >= 1
     adv = torch.cat([b["advantages"] for b in batches]).view(-1, 2)
     assert adv.shape == (8, 2), "the step is full again"
     assert (adv[:, 0] * adv[:, 1] < 0).all(), "every kept group has one rewarded and one unrewarded sample"
+    prompts = {tok.decode(ids[(attn == 1) & (cm == 0)].tolist())
+               for b in batches for ids, attn, cm in zip(b["input_ids"], b["attention_mask"], b["completion_mask"])}
+    assert prompts <= {p["prompt"] for p in pool}
+    assert prompts - {p["prompt"] for p in PROMPTS}, "the back-fill samples new prompts of the training set"
 
 
 def test_a_step_with_no_informative_group_is_a_no_op_step(tok):
@@ -294,15 +300,8 @@ def test_resumed_online_run_regenerates_the_same_rollouts(tok, tmp_path):
     trainer = _trainer(micro_batch_size=2, epochs=1, checkpoint_every=2)
     full_model, full, _ = _run(tok, "sgrpo", trainer=trainer)
 
-    class Preempted(Exception):
-        pass
-
-    def cut(metrics, step):
-        if step == 3:
-            raise Preempted
-
     with pytest.raises(Preempted):
-        _run(tok, "sgrpo", trainer=trainer, checkpoint_dir=tmp_path, log=cut)
+        _run(tok, "sgrpo", trainer=trainer, checkpoint_dir=tmp_path, log=cut_at(3))
     assert (tmp_path / CHECKPOINT_FILE).exists()
     resumed_model, resumed, _ = _run(tok, "sgrpo", trainer=trainer, checkpoint_dir=tmp_path)
     assert resumed.reward_curve == full.reward_curve and resumed.step == full.step == 4
@@ -352,15 +351,8 @@ def test_resumed_ppo_run_continues_with_its_checkpointed_value_head(tok, tmp_pat
     full_model, full, _ = _run(tok, "ppo", trainer=trainer)
     assert full.step == 16 and full.batches == 4
 
-    class Preempted(Exception):
-        pass
-
-    def cut(metrics, step):
-        if step == 10:
-            raise Preempted
-
     with pytest.raises(Preempted):
-        _run(tok, "ppo", trainer=trainer, checkpoint_dir=tmp_path, log=cut)
+        _run(tok, "ppo", trainer=trainer, checkpoint_dir=tmp_path, log=cut_at(10))
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
     assert (saved["state"]["step"], saved["state"]["batches"]) == (8, 2), "checkpoints fall between rollouts"
     assert set(saved["memory"]["value_head"]) == {"head", "optimizer"}

@@ -15,7 +15,7 @@ from posttrain.models.loading import Reference
 from posttrain.rewards import REWARD_FUNCTIONS
 from posttrain.train import CHECKPOINT_FILE, train
 
-from conftest import random_qwen2
+from conftest import Preempted, cut_at, random_qwen2
 
 PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {2 * i}",
           "rejected": f" {2 * i + 1}\n#### {2 * i + 1}"} for i in range(12)]
@@ -84,15 +84,8 @@ def test_resumed_run_continues_with_the_moved_reference(tok, tmp_path):
 
     full_model, full_ref, full = run()
 
-    class Preempted(Exception):
-        pass
-
-    def cut(metrics, step):
-        if step == 7:
-            raise Preempted
-
     with pytest.raises(Preempted):
-        run(checkpoint_dir=tmp_path, log=cut)
+        run(checkpoint_dir=tmp_path, log=cut_at(7))
     assert "reference" in torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["memory"]
     resumed_model, resumed_ref, resumed = run(checkpoint_dir=tmp_path)
     assert resumed.resumed_from == 6 and resumed.step == full.step == 12

@@ -14,7 +14,7 @@ from posttrain.losses import token_nll
 from posttrain.models.loading import Reference
 from posttrain.train import CHECKPOINT_FILE, plan, train
 
-from conftest import random_qwen2
+from conftest import Preempted, cut_at, random_qwen2
 
 PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {2 * i}",
           "rejected": f" {2 * i + 1}\n#### {2 * i + 1}"} for i in range(12)]
@@ -69,15 +69,8 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tok, tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
 
-    class Preempted(Exception):
-        pass
-
-    def cut(metrics, step):
-        if step == 5:
-            raise Preempted
-
     with pytest.raises(Preempted):
-        _run(tok, "dpo", PAIRS, _trainer(epochs=3, checkpoint_every=2), checkpoint_dir=ckpt, log=cut)
+        _run(tok, "dpo", PAIRS, _trainer(epochs=3, checkpoint_every=2), checkpoint_dir=ckpt, log=cut_at(5))
     assert (ckpt / CHECKPOINT_FILE).exists()
     saved = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
     assert saved["state"]["step"] == 4, "the last checkpoint before the cut"

@@ -129,14 +129,21 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _pad_backward(engine, model, own: int) -> None:
-    """With several ranks, every rank runs as many backward passes per update as the busiest one (ZeRO-2/3 reduce
-    inside each backward, ZeRO-3 gathers inside each forward: unequal counts hang). A rank whose rollout gave fewer
-    micro-batches (DAPO's filter, online DPO's ties, RFT's verifier) adds zero-loss passes on a one-token input."""
-    if engine.world_size == 1:
-        return
+def _padding_passes(engine, own: int) -> int:
+    """How many zero-loss passes this rank adds so that every rank runs as many forward/backward passes per update
+    as the busiest one (ZeRO-2/3 reduce inside each backward, ZeRO-3 gathers inside each forward: unequal counts
+    hang). A rank whose rollout gave fewer micro-batches (DAPO's filter, online DPO's ties, RFT's verifier) pads. Asked
+    BEFORE the first backward: a collective between two backwards would interleave with their reductions."""
+    if engine.world_size == 1 and not engine.needs_a_backward_per_step:
+        return 0
     busiest = int(engine.all_reduce_max([own])[0])
-    for _ in range(busiest - own):
+    if engine.needs_a_backward_per_step:  # DeepSpeed's step expects the gradients a backward leaves
+        busiest = max(busiest, 1)
+    return busiest - own
+
+
+def _pad_backward(engine, model, passes: int) -> None:
+    for _ in range(passes):  # one token through the whole network: every parameter gets its (zero) gradient
         dummy = torch.zeros((1, 1), dtype=torch.long, device=engine.device)
         engine.backward(model(input_ids=dummy).logits.float().sum() * 0.0)
 
@@ -152,6 +159,7 @@ def optimizer_update(engine, model, reference, objective, algo, hparams, update:
     n_examples, n_tokens = engine.all_reduce_sum([sum(int(b.get("examples", 0)) for b in update),
                                                   int(sum(b["completion_mask"][:, 1:].sum() for b in update))])
     ctx = StepContext(examples=int(n_examples), tokens=int(n_tokens), memory=memory)
+    padding = _padding_passes(engine, len(update))
     step_loss, stats = 0.0, {}
     for batch in update:
         loss, micro_stats = objective(model, reference, batch, algo, hparams, ctx)
@@ -159,7 +167,7 @@ def optimizer_update(engine, model, reference, objective, algo, hparams, update:
         step_loss += loss.item()
         for key, value in micro_stats.items():
             stats[key] = stats.get(key, 0.0) + value / len(update)
-    _pad_backward(engine, model, len(update))
+    _pad_backward(engine, model, padding)
     grad_norm = engine.step()
     memory.commit(engine.all_reduce_sum)
     step_loss, seen = engine.all_reduce_sum([step_loss, int(sum(b["attention_mask"].sum() for b in update))])
@@ -194,7 +202,8 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
                                       engine.world_size):
         started, step_before = time.perf_counter(), state.step
         updates, rollout_stats = prepare(model, reference, tokenizer, algo, hparams, micro_batches,
-                                         max_length=max_length, seed=seed, step=state.batches, memory=memory)
+                                         max_length=max_length, seed=seed, step=state.batches, memory=memory,
+                                         pool=examples)
         rollout_stats = engine.mean_over_ranks(rollout_stats)
         reward = rollout_stats.get("reward_mean")
         for update in updates[: total - state.step]:

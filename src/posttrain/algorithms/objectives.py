@@ -175,7 +175,7 @@ def unpaired(policy, reference, batch, algo, hparams, ctx):
 
 
 def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                    memory=None):
+                    memory=None, pool=None):
     """Offline families: tokenise each micro-batch of examples into ONE optimizer update; no rollout statistics."""
     batches = []
     for mb in micro_batches:

@@ -43,9 +43,10 @@ micro-batches). ``micro_batch_size`` counts prompts: a micro-batch holds ``micro
 completions.
 
 DAPO (Yu et al. 2025, arXiv 2503.14476), all driven by hyperparameters: ``dynamic_sampling`` drops groups whose RAW
-accuracy (``accuracy_reward``, not the shaped reward) is all 0 or all 1 and back-fills the step with fresh groups,
-sampled again for the step's own prompts (the preparer sees only this step's prompts; up to ``max_sampling_tries``
-extra rounds, then the step goes on with what it has); ``mask_truncated`` (overlong filtering) removes completions
+accuracy (``accuracy_reward``, not the shaped reward) is all 0 or all 1 and back-fills the step with fresh groups
+for NEW prompts, as the paper and verl do: each extra round samples a step's worth of prompts drawn from the training
+set (seeded by run seed, step, round and rank, so a resumed run draws the same) and keeps the informative groups it
+needs (up to ``max_sampling_tries`` extra rounds, then the step goes on with what it has); ``mask_truncated`` (overlong filtering) removes completions
 without EOS from the loss; ``overlong_buffer_frac`` > 0 adds the soft overlong punishment over the last
 ``frac * max_new_tokens`` tokens; clip-higher is the loss's ``eps_high``.
 
@@ -68,6 +69,7 @@ from posttrain.algorithms.memory import LoopMemory
 from posttrain.algorithms.reference_sync import LOOP_OPTIONS
 from posttrain.losses import advantages as adv_lib
 from posttrain.losses.policy_gradient import policy_gradient_and_stats, ppo_value_loss
+from posttrain.models import distributed
 from posttrain.models.engine import gathered
 from posttrain.rewards import REWARD_FUNCTIONS, compute_rewards, overlong_penalty, weighted_sum
 from posttrain.rollout import SamplingConfig, sample
@@ -521,22 +523,30 @@ def _reference_logps(reference, step: dict, chunks, temperature: float) -> torch
         return _forward_logps(ref_model, step, chunks, temperature)[0]
 
 
+def _draw_prompts(pool: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` prompts of the training set for a dynamic-sampling round (distinct within the round, seeded)."""
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pool[i] for i in (order * math.ceil(n / len(pool)))[:n]]
+
+
 def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *,
-                             max_length, seed, step, memory):
-    first = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
-                           _sampling_seed(seed, step, 0))
+                             max_length, seed, step, memory, pool):
+    n = len(examples)
+    first = _sample_groups(policy, tokenizer, examples, list(range(n)), rc, _sampling_seed(seed, step, 0))
     stats = rollout_stats(first)
     groups = first
     if rc["dynamic_sampling"]:
         groups = [g for g in first if g.informative]
         tries = 0
-        while len(groups) < len(examples) and tries < rc["max_sampling_tries"]:
+        while len(groups) < n and tries < rc["max_sampling_tries"]:
             tries += 1
-            extra = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
+            start = len(examples)  # new prompts go after the ones sampled so far; Group.example indexes them
+            examples = examples + _draw_prompts(pool or examples[:n], n,
+                                                _sampling_seed(seed, step, tries) + 7_919 * distributed.rank())
+            extra = _sample_groups(policy, tokenizer, examples, list(range(start, start + n)), rc,
                                    _sampling_seed(seed, step, tries))
-            groups += [g for g in extra if g.informative][: len(examples) - len(groups)]
-        stats.update({"dynamic_sampling/kept_frac": len(groups) / len(examples),
-                      "dynamic_sampling/tries": float(tries)})
+            groups += [g for g in extra if g.informative][: n - len(groups)]
+        stats.update({"dynamic_sampling/kept_frac": len(groups) / n, "dynamic_sampling/tries": float(tries)})
     if not groups:
         return [], stats
     if rc["advantage"] in _NEEDS_GREEDY:
@@ -593,7 +603,7 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
 
 
 def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                      step, memory):
+                      step, memory, pool):
     groups = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
                             _sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
@@ -626,7 +636,7 @@ def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples,
 
 
 def _prepare_supervised(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                        step, memory):
+                        step, memory, pool):
     groups = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
                             _sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
@@ -654,12 +664,13 @@ PREPARE = {"policy_gradient": _prepare_policy_gradient, "pairwise": _prepare_pai
 
 
 def prepare_online(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                   memory: LoopMemory | None = None):
+                   memory: LoopMemory | None = None, pool: list | None = None):
     """The rollout phase (PREPARERS["online"]): ``(updates, rollout_stats)`` for one batch of prompts, ``updates``
     being ``num_iterations * num_minibatches`` lists of micro-batches (see ``schedule_updates``).
 
     ``micro_batches`` are the step's examples as the loop split them (``micro_batch_size`` prompts each); the
-    rollout samples the whole step at once (better generation batches) and splits the result the same way. Under
+    rollout samples the whole step at once (better generation batches) and splits the result the same way.
+    ``pool`` is the whole training set, where DAPO's dynamic sampling draws its back-fill prompts. Under
     ZeRO-3 every rank gathers the policy's weights for the whole rollout phase (sampling and the no-grad forwards),
     so each rank may generate and score a different number of sequences.
     ``rollout_stats`` (logged as ``rollout/*``; ``reward_mean`` feeds the reward curve): reward_mean / reward_std
@@ -675,7 +686,8 @@ def prepare_online(policy, reference, tokenizer, algo, hparams, micro_batches, *
     with gathered(policy) as bare:  # ZeRO-3: full weights on every rank (collective); the bare module otherwise
         batches, stats = PREPARE[rc["objective"]](bare, reference, tokenizer, algo, loss_hp, rc, examples, mb_size,
                                                   max_length=max_length, seed=seed, step=step,
-                                                  memory=memory if memory is not None else LoopMemory())
+                                                  memory=memory if memory is not None else LoopMemory(),
+                                                  pool=pool)
     return schedule_updates(batches, rc), stats
 
 

@@ -73,6 +73,7 @@ def _warmup_steps(trainer_cfg, total_steps: int) -> int:
 class TorchEngine:
     rank = 0
     world_size = 1
+    needs_a_backward_per_step = False  # a step without gradients changes nothing (AdamW skips grad-less params)
 
     def __init__(self, model: torch.nn.Module, trainer_cfg, total_steps: int):
         self.model = model
@@ -209,6 +210,8 @@ def deepspeed_config(trainer_cfg, deepspeed_cfg, *, world_size: int, cuda: bool)
 
 class DeepSpeedEngine:
     """The loop's engine on DeepSpeed (ZeRO 0-3). Call ``setup_distributed()`` first on multi-process runs."""
+
+    needs_a_backward_per_step = True  # the loop pads an update without micro-batches with a zero-loss pass
 
     def __init__(self, model: torch.nn.Module, trainer_cfg, total_steps: int, deepspeed_cfg, *,
                  checkpoint_dir: str | Path | None = None):
