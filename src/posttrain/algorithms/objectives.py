@@ -29,7 +29,8 @@ class StepContext:
 
 def _running(spec, hparams: dict, memory: LoopMemory | None) -> tuple[dict, list]:
     """The loss spec's running hyperparameters (beta-DPO's margin mean, BCO's delta) that the run left None, filled
-    from the loop memory's running means; returns ``(hparams, [(statistic, Running)])`` to observe after the loss."""
+    from the loop memory's running means; returns ``(hparams, [(key, statistic, Running)])`` to observe after the
+    loss."""
     hp, observers = dict(hparams), []
     if memory is None:
         return hp, observers

@@ -46,9 +46,9 @@ DAPO (Yu et al. 2025, arXiv 2503.14476), all driven by hyperparameters: ``dynami
 accuracy (``accuracy_reward``, not the shaped reward) is all 0 or all 1 and back-fills the step with fresh groups
 for NEW prompts, as the paper and verl do: each extra round samples a step's worth of prompts drawn from the training
 set (seeded by run seed, step, round and rank, so a resumed run draws the same) and keeps the informative groups it
-needs (up to ``max_sampling_tries`` extra rounds, then the step goes on with what it has); ``mask_truncated`` (overlong filtering) removes completions
-without EOS from the loss; ``overlong_buffer_frac`` > 0 adds the soft overlong punishment over the last
-``frac * max_new_tokens`` tokens; clip-higher is the loss's ``eps_high``.
+needs (up to ``max_sampling_tries`` extra rounds, then the step goes on with what it has); ``mask_truncated``
+(overlong filtering) removes completions without EOS from the loss; ``overlong_buffer_frac`` > 0 adds the soft
+overlong punishment over the last ``frac * max_new_tokens`` tokens; clip-higher is the loss's ``eps_high``.
 
 PPO keeps a value head (an MLP on the policy's detached last hidden state, zero-initialised output) with its own
 Adam optimizer in the loop's memory (checkpointed with the weights, so a resumed PPO run continues with the same
@@ -734,9 +734,10 @@ def online(policy, reference, batch, algo, hparams, ctx):
     """The ``online`` family's objective (OBJECTIVES["online"]) on one micro-batch from ``prepare_online``.
 
     policy_gradient: per-token log-probs (``token_logps``; logits / temperature when it is not 1), then
-    ``policy_gradient(algo.loss, logps, old_logps, advantages, mask, ref_logps, **loss_hparams)`` (``old_logps`` None,
-    ratio exactly 1, with one update per rollout: see the module docstring), logging pg/clip_frac, pg/ratio_mean, pg/kl_ref (with a reference),
-    pg/advantage_mean, entropy (sampled-token estimate) and logps/completion. pairwise / supervised: the offline
-    objectives on the generated pairs / kept samples, normalised over the step's pairs / tokens.
+    ``policy_gradient(algo.loss, logps, old_logps, advantages, mask, ref_logps, **loss_hparams)`` (``old_logps``
+    None, ratio exactly 1, with one update per rollout: see the module docstring), logging pg/clip_frac,
+    pg/ratio_mean, pg/kl_ref (with a reference), pg/advantage_mean, entropy (sampled-token estimate) and
+    logps/completion. pairwise / supervised: the offline objectives on the generated pairs / kept samples, normalised
+    over the update's pairs / tokens (all ranks).
     """
     return _OBJECTIVES[batch["objective"]](policy, reference, batch, algo, hparams, ctx)

@@ -2,7 +2,8 @@
 
 - ``pairwise(name, policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, *, chosen_len=None,
   rejected_len=None, **hparams) -> Tensor[B]``: the DPO family on summed sequence log-probs.
-- ``unpaired(name, policy_logps, ref_logps, desirable, *, kl_anchor, lengths=None, **hparams) -> Tensor[B]``: KTO family.
+- ``unpaired(name, policy_logps, ref_logps, desirable, *, kl_anchor, lengths=None, **hparams) -> Tensor[B]``:
+  KTO family.
 - ``policy_gradient(name, logps, old_logps, advantages, mask, *, ref_logps=None, **hparams) -> Tensor[]``: GRPO family.
 - ``token_nll(token_logps, mask, num_items=None) -> Tensor[]``: SFT.
 """

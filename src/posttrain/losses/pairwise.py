@@ -363,8 +363,8 @@ def betadpo(x: Pair, *, beta: float = 0.1, a: float = 0.5, margin_mean: float | 
     ``mu`` is the running mean of margins. To keep the function pure the batch's own mean margin stands in for it
     unless the caller passes its running mean as ``margin_mean``; the training loop does (the spec's ``running``:
     an EMA of the step mean margins with the paper's momentum 0.9, kept and checkpointed in the loop's memory, see
-    posttrain.algorithms.memory; a number set as ``algo.margin_mean`` fixes mu instead). beta_i is treated as a temperature and DETACHED
-    (the paper calibrates beta from the data; oxRL lets gradients flow through it)."""
+    posttrain.algorithms.memory; a number set as ``algo.margin_mean`` fixes mu instead). beta_i is treated as a
+    temperature and DETACHED (the paper calibrates beta from the data; oxRL lets gradients flow through it)."""
     d = x.margin
     mu = d.detach().mean() if margin_mean is None else torch.as_tensor(margin_mean, dtype=d.dtype, device=d.device)
     beta_i = (beta * (1.0 + a * (d.detach() - mu))).clamp(min=BETADPO_MIN_BETA)
