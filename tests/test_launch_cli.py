@@ -101,3 +101,26 @@ def test_config_hash_ignores_what_cannot_change_the_result():
     a, b = _compose(["logger=none"]), _compose(["logger=wandb", "trainer.checkpoint_every=5", "dry_run=true"])
     c = _compose(["algo.beta=0.2"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_the_scale_picks_deepspeed_and_an_override_wins():
+    """Up to 1.5B (one GPU) plain PyTorch; 3B (2 GPUs) and 7B (8 GPUs) ZeRO-3: one task per GPU trains one model."""
+    for scale, stage in (("tiny-s", None), ("0.5b", None), ("1.5b", None), ("3b", 3), ("7b", 3)):
+        ds = OmegaConf.to_container(_compose([f"scale={scale}"]).deepspeed)
+        assert (ds.get("stage") if ds["enabled"] else None) == stage, scale
+    assert _compose(["scale=7b", "deepspeed=zero2"]).deepspeed.stage == 2
+    assert _compose(["scale=7b", "deepspeed=none"]).deepspeed.enabled is False
+    # the tiny cells' config (and hash) is what deepspeed=none gave before the scale chose
+    assert config_hash(_compose([])) == config_hash(_compose(["deepspeed=none"]))
+
+
+def test_several_tasks_without_deepspeed_are_refused_before_anything_runs(tmp_path):
+    proc = launch(["-m", "hydra/launcher=slurm_local", "scale=7b", "deepspeed=none", "hydra.launcher.gpus=2",
+                   "logger=none"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cell ")
+    assert "2 GPUs (one task each) but deepspeed is off" in proc.stderr and "deepspeed=zero3" in proc.stderr
+    proc = launch(["logger=none"], tmp_path, env={"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": "29999"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "2 processes (torchrun) but deepspeed is off" in proc.stderr

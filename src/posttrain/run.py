@@ -217,6 +217,9 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
     outcome = {"cell": cell, "run_dir": str(cell_dir)}
     if deepspeed_enabled(cfg.deepspeed):  # ranks from Slurm/submitit, torchrun, or a single process
         setup_distributed()
+    elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError(f"{os.environ['WORLD_SIZE']} processes (torchrun) but deepspeed is off, so each would train "
+                        "its own copy; add deepspeed=zero3 (or zero2), or run one process")
     try:
         algo = registry.get(str(cfg.algo.name))
     except ValueError as exc:

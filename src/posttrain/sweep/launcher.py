@@ -152,6 +152,22 @@ def executor_parameters(params: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _check_ranks(gpus, cfg: DictConfig, overrides) -> None:
+    """One task per GPU trains ONE model only through DeepSpeed; without it every task would train its own copy."""
+    from posttrain.models.engine import deepspeed_enabled
+
+    if gpus is not None and int(gpus) > 1 and not deepspeed_enabled(cfg.get("deepspeed")):
+        _refuse(f"cell {' '.join(overrides)}: {int(gpus)} GPUs (one task each) but deepspeed is off, so each task "
+                f"would train its own copy; add deepspeed=zero3 (or zero2), or give the run one GPU with "
+                f"hydra.launcher.gpus=1")
+
+
+def _refuse(message: str) -> None:
+    """A mistake in the sweep's config, found before anything is submitted: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def completed_with_same_config(cell_config: DictConfig, run_dir: Path) -> bool:
     """Default ``skip_if_done``: the cell's result.json says completed with this cell's config hash, exactly the
     rule by which run.py skips a cell, checked before submission so a relaunch queues only the cells that need it."""
@@ -265,10 +281,11 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
                 subdir = str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
                 run_dir = Path(os.path.normpath(sweep_dir / subdir))
                 if run_dir == sweep_dir or sweep_dir not in run_dir.parents:
-                    raise ValueError(f"hydra.sweep.subdir {subdir!r} of cell {list(overrides)} does not name a "
-                                     f"directory inside the sweep directory {sweep_dir}")
+                    _refuse(f"hydra.sweep.subdir {subdir!r} of cell {list(overrides)} does not name a directory "
+                            f"inside the sweep directory {sweep_dir}")
                 params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
                 assert isinstance(params, dict)
+                _check_ranks(params.get("gpus"), cfg, overrides)
                 skip = bool(skip_fn(cfg, run_dir)) if skip_fn is not None else False
                 cells.append(_Cell(num, list(overrides), subdir, run_dir, params, skip,
                                    run_dir.relative_to(sweep_dir).as_posix()))
@@ -277,9 +294,8 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
         seen: Dict[Path, List[str]] = {}
         for cell in cells:
             if cell.run_dir in seen:
-                raise ValueError(
-                    f"two cells of this sweep share the directory {cell.run_dir}: {seen[cell.run_dir]} and "
-                    f"{cell.overrides}; hydra.sweep.subdir must tell distinct configs apart")
+                _refuse(f"two cells of this sweep share the directory {cell.run_dir}: {seen[cell.run_dir]} and "
+                        f"{cell.overrides}; hydra.sweep.subdir must tell distinct configs apart")
             seen[cell.run_dir] = cell.overrides
         return cells
 
