@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from posttrain import losses
 from posttrain.algorithms import get
 from posttrain.algorithms.memory import LoopMemory, RunningMean
-from posttrain.algorithms.objectives import OBJECTIVES, StepContext, offline_batches, sequence_logps
+from posttrain.algorithms.objectives import (OBJECTIVES, StepContext, offline_batches, prime_memory,
+                                             sequence_logps)
 from posttrain.data.tokenizer import build_char_tokenizer
 from posttrain.models.loading import Reference
 from posttrain.train import CHECKPOINT_FILE, train
@@ -99,6 +100,16 @@ def test_a_number_set_for_a_running_hyperparameter_fixes_it(tok):
     OBJECTIVES["pairwise"](policy, Reference(random_qwen2(len(tok), 1)), batch, get("betadpo"),
                            {"margin_mean": 0.5}, StepContext(examples=4, tokens=1, memory=memory))
     assert memory.state_dict() == {}, "no running statistic is kept when the run fixes the value"
+
+
+def test_running_statistics_exist_before_the_first_step_on_every_rank():
+    """Primed by the loop, so a rank without a batch of its own still joins the end-of-step all-reduce."""
+    for name, hp, keys in (("betadpo", {}, {"running/margin_mean"}), ("betadpo", {"margin_mean": 0.0}, set()),
+                           ("bco_unpaired", {"beta": 0.2}, {"running/delta"}), ("dpo", {}, set()),
+                           ("sgrpo", {}, set())):
+        memory = LoopMemory()
+        prime_memory(get(name), hp, memory)
+        assert set(memory.state_dict()) == keys, name
 
 
 def test_unpaired_bco_shifts_by_the_running_mean_of_the_implicit_rewards(tok):

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.algorithms.memory import LoopMemory
-from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, UPDATES_PER_STEP, StepContext
+from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, UPDATES_PER_STEP, StepContext, prime_memory
 from posttrain.algorithms.reference_sync import ReferenceSync, ReferenceWeights, split_loop_options, sync_reference
 from posttrain.models.engine import gathered, make_engine
 
@@ -192,6 +192,7 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
     if ckpt_path is not None and ckpt_path.exists():
         state, memory = _load_checkpoint(ckpt_path, engine)
         state.resumed_from = state.step
+    prime_memory(algo, hparams, memory)
     if sync.every is not None:  # a moving reference is part of the run's state (restored here on resume)
         memory.get("reference", lambda: ReferenceWeights(reference))
     every = int(trainer.checkpoint_every or 0)

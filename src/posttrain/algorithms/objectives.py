@@ -34,12 +34,20 @@ def _running(spec, hparams: dict, memory: LoopMemory | None) -> tuple[dict, list
     hp, observers = dict(hparams), []
     if memory is None:
         return hp, observers
-    for key, running in spec.running.items():
+    for key, running in getattr(spec, "running", {}).items():  # policy-gradient specs keep no running values
         if hp.get(key, spec.defaults.get(key)) is None:
             stat = memory.get(f"running/{key}", lambda r=running: RunningMean(r.momentum))
             hp[key] = stat.value  # None before the first step's commit: the batch's own mean
             observers.append((key, stat, running))
     return hp, observers
+
+
+def prime_memory(algo, hparams: dict, memory: LoopMemory) -> None:
+    """Create the loss's running statistics before the first step, so that every rank holds the same ones (a rank
+    that saw no batch of its own in a step still joins their end-of-step all-reduce)."""
+    spec = algo.loss_spec
+    if spec is not None:
+        _running(spec, hparams, memory)
 
 
 def _observe(observers: list, inputs, fn_hparams: dict, stats: dict) -> None:
