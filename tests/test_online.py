@@ -320,9 +320,31 @@ def test_updates_are_num_iterations_passes_over_num_minibatches():
     assert updates_per_step(get("sgrpo"), {"num_iterations": 2, "num_minibatches": 2}) == 4
     assert updates_per_step(get("sgrpo"), {}) == 1 and updates_per_step(get("ppo"), {}) == 4
     _, rc = split_hparams(get("sgrpo"), {"num_minibatches": 3})
-    assert [len(u) for u in schedule_updates(batches[:1], rc)] == [1, 0, 0], "missing minibatches are no-op steps"
+    assert [len(u) for u in schedule_updates(batches[:1], rc)] == [1, 0, 0], "a short last step leaves some empty"
     with pytest.raises(ValueError, match="num_iterations must be >= 1"):
         split_hparams(get("sgrpo"), {"num_iterations": 0})
+    assert updates_per_step(get("sgrpo"), {"num_minibatches": 2}, micro_batches_per_rank=4) == 2
+    for per_rank in (1, 3):  # whole micro-batches only: 1 or 3 micro-batches cannot make 2 equal minibatches
+        with pytest.raises(ValueError, match="set trainer.grad_accum to a multiple of 2 x ranks"):
+            updates_per_step(get("sgrpo"), {"num_minibatches": 2}, micro_batches_per_rank=per_rank)
+
+
+def test_an_update_without_data_on_any_rank_moves_nothing_but_the_schedule(tok):
+    """After real updates (AdamW has momentum), an empty update must not move the weights by momentum or decay."""
+    from posttrain.algorithms.memory import LoopMemory
+    from posttrain.models.engine import make_engine
+    from posttrain.train import optimizer_update
+
+    model = _model(tok)
+    engine = make_engine(model, _trainer(weight_decay=0.1, schedule="cosine", warmup_ratio=0.0), 10)
+    batches, _ = _prepare(model, tok, "sgrpo")
+    optimizer_update(engine, model, Reference(None), online, get("sgrpo"), HP, batches, LoopMemory())
+    before, lr = copy.deepcopy(model.state_dict()), engine.lr
+    assert optimizer_update(engine, model, Reference(None), online, get("sgrpo"), HP, [], LoopMemory()) == \
+        (0.0, {}, 0.0, 0)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    assert engine.lr < lr, "the schedule advanced"
 
 
 @pytest.mark.parametrize("name", ["sgrpo", "gspo", "cispo"])

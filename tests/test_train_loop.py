@@ -173,3 +173,20 @@ def test_tdpo_runs_in_the_loop_with_full_vocabulary_kl(tok):
     with pytest.raises(ValueError, match="accepted"):
         token_pairwise(model, ref, batch, algo, {"gamma": 1.0}, StepContext(examples=4, tokens=1))
     assert options.tdpo is algo.loss_spec.fn
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed_from(tok, tmp_path, capsys):
+    trainer = _trainer(epochs=3, checkpoint_every=2)
+    full_model, full, _ = _run(tok, "dpo", PAIRS, trainer)
+    with pytest.raises(Preempted):
+        _run(tok, "dpo", PAIRS, trainer, checkpoint_dir=tmp_path, log=cut_at(5), fingerprint="aaaaaaaaaaaa")
+    model, fresh, _ = _run(tok, "dpo", PAIRS, trainer, checkpoint_dir=tmp_path, fingerprint="bbbbbbbbbbbb")
+    assert fresh.resumed_from is None and "starting over" in capsys.readouterr().out
+    assert fresh.loss_curve == full.loss_curve, "a fresh run, not a continuation of the other config's"
+    again = tmp_path / "again"  # (train leaves its last checkpoint; run.py removes it once the cell completes)
+    with pytest.raises(Preempted):
+        _run(tok, "dpo", PAIRS, trainer, checkpoint_dir=again, log=cut_at(5), fingerprint="bbbbbbbbbbbb")
+    _, resumed, _ = _run(tok, "dpo", PAIRS, trainer, checkpoint_dir=again, fingerprint="bbbbbbbbbbbb")
+    assert resumed.resumed_from == 4 and [s for s, _ in resumed.loss_curve] == list(range(1, 10))
+    for (_, a), (_, b) in zip(full.loss_curve, resumed.loss_curve):
+        assert a == pytest.approx(b, abs=1e-6)

@@ -174,7 +174,7 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     reference = Reference(policy if algo.needs_reference(hparams) else None, lora=bool(cfg.lora.enabled))
     state = train(policy, reference, loaded.tokenizer, algo, hparams, examples, cfg.trainer,
                   max_length=int(cfg.data.max_length), seed=seed, log=tracker.log,
-                  checkpoint_dir=cell_dir / "checkpoint", progress=main,
+                  checkpoint_dir=cell_dir / "checkpoint", progress=main, fingerprint=result["config_hash"],
                   deepspeed=cfg.deepspeed if deepspeed_enabled(cfg.deepspeed) else None)
     result["train"] = {
         "steps": state.step, "examples": state.examples, "tokens": state.tokens, "seconds": round(state.seconds, 3),

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from posttrain.algorithms.memory import LoopMemory
 from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, UPDATES_PER_STEP, StepContext, prime_memory
 from posttrain.algorithms.reference_sync import ReferenceSync, ReferenceWeights, split_loop_options, sync_reference
+from posttrain.models.distributed import world_size
 from posttrain.models.engine import gathered, make_engine
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -63,9 +64,10 @@ def plan(n_examples: int, trainer, updates_per_batch: int = 1) -> tuple[int, int
     return steps_per_epoch, total
 
 
-def step_batches(examples: list, trainer, seed: int, start_step: int, total: int, rank: int = 0,
+def step_batches(examples: list, trainer, seed: int, start_batch: int, total_batches: int, rank: int = 0,
                  world_size: int = 1) -> Iterator[list[list]]:
-    """The micro-batches of each optimizer step from ``start_step``: a seeded permutation per epoch.
+    """The micro-batches of each batch of examples (``micro_batch_size * grad_accum``: one optimizer step's worth,
+    or one rollout's) from ``start_batch`` to ``total_batches``: a seeded permutation per epoch.
 
     With ``world_size`` ranks, each rank takes its share of every step's micro-batches (``trainer.grad_accum`` counts
     the micro-batches of a step over all ranks, so the effective batch does not depend on the number of GPUs).
@@ -76,7 +78,7 @@ def step_batches(examples: list, trainer, seed: int, start_step: int, total: int
                          f"each rank takes grad_accum / ranks micro-batches of every optimizer step")
     per_step = micro * accum
     steps_per_epoch = math.ceil(len(examples) / per_step)
-    for step in range(start_step, total):
+    for step in range(start_batch, total_batches):
         epoch, within = divmod(step, steps_per_epoch)
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         chunk = [examples[i] for i in order[within * per_step:(within + 1) * per_step].tolist()]
@@ -104,25 +106,29 @@ def shard_step(chunk: list, micro: int, rank: int, world_size: int) -> list[list
     return [chunk[bounds[i]:bounds[i + 1]] for i in range(rank, slots, world_size)]
 
 
-def _save_checkpoint(path: Path, engine, state: TrainState, memory: LoopMemory) -> None:
+def _save_checkpoint(path: Path, engine, state: TrainState, memory: LoopMemory, fingerprint: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     engine_state = engine.state_dict()  # every rank (DeepSpeed writes its partitions); then rank 0 commits
     if engine.rank != 0:
         return
     tmp = path.with_suffix(".tmp")
     torch.save({"engine": engine_state, "state": asdict(state), "memory": memory.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp)
+                "fingerprint": fingerprint, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, engine) -> tuple[TrainState, LoopMemory]:
+def _load_checkpoint(path: Path, engine, fingerprint: str | None) -> tuple[TrainState, LoopMemory] | None:
+    """The saved state, or None when the checkpoint belongs to another configuration (or predates fingerprints)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if fingerprint is not None and ckpt.get("fingerprint") != fingerprint:
+        if engine.rank == 0:
+            print(f"[checkpoint] {path} was written by config {ckpt.get('fingerprint') or '(unknown)'}, this run is "
+                  f"config {fingerprint}: starting over", flush=True)
+        return None
     engine.load_state_dict(ckpt["engine"])
     torch.set_rng_state(ckpt["torch_rng"])
     random.setstate(ckpt["python_rng"])
-    saved = dict(ckpt["state"])
-    saved.setdefault("batches", saved["step"])  # checkpoints from before optimizer steps and batches were told apart
-    return TrainState(**saved), LoopMemory(ckpt.get("memory"))
+    return TrainState(**ckpt["state"]), LoopMemory(ckpt.get("memory"))
 
 
 def _to(batch: dict, device) -> dict:
@@ -134,12 +140,9 @@ def _padding_passes(engine, own: int) -> int:
     as the busiest one (ZeRO-2/3 reduce inside each backward, ZeRO-3 gathers inside each forward: unequal counts
     hang). A rank whose rollout gave fewer micro-batches (DAPO's filter, online DPO's ties, RFT's verifier) pads. Asked
     BEFORE the first backward: a collective between two backwards would interleave with their reductions."""
-    if engine.world_size == 1 and not engine.needs_a_backward_per_step:
+    if engine.world_size == 1:
         return 0
-    busiest = int(engine.all_reduce_max([own])[0])
-    if engine.needs_a_backward_per_step:  # DeepSpeed's step expects the gradients a backward leaves
-        busiest = max(busiest, 1)
-    return busiest - own
+    return int(engine.all_reduce_max([own])[0]) - own
 
 
 def _pad_backward(engine, model, passes: int) -> None:
@@ -153,11 +156,17 @@ def optimizer_update(engine, model, reference, objective, algo, hparams, update:
     """One optimizer step on ``update``'s micro-batches: ``(loss, objective stats, grad norm, tokens seen)``.
 
     Losses arrive already divided by the update's example / completion-token count over all ranks (``StepContext``),
-    so the step does not depend on how it is split into micro-batches or ranks.
+    so the step does not depend on how it is split into micro-batches or ranks (except that, on the very first step,
+    beta-DPO / BCO fall back to each micro-batch's own mean before their running mean exists). An update without a
+    micro-batch on any rank advances the schedule only (``engine.skip_step``).
     """
     update = [_to(b, engine.device) for b in update]
-    n_examples, n_tokens = engine.all_reduce_sum([sum(int(b.get("examples", 0)) for b in update),
-                                                  int(sum(b["completion_mask"][:, 1:].sum() for b in update))])
+    n_batches, n_examples, n_tokens = engine.all_reduce_sum(
+        [len(update), sum(int(b.get("examples", 0)) for b in update),
+         int(sum(b["completion_mask"][:, 1:].sum() for b in update))])
+    if n_batches == 0:  # nothing on any rank (DAPO kept no group, a minibatch the short last step left empty)
+        engine.skip_step()
+        return 0.0, {}, 0.0, 0
     ctx = StepContext(examples=int(n_examples), tokens=int(n_tokens), memory=memory)
     padding = _padding_passes(engine, len(update))
     step_loss, stats = 0.0, {}
@@ -176,21 +185,26 @@ def optimizer_update(engine, model, reference, objective, algo, hparams, update:
 
 def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, trainer, *, max_length: int,
           seed: int, log: Callable[[dict, int], None] | None = None, checkpoint_dir: Path | None = None,
-          progress: bool = True, deepspeed=None) -> TrainState:
-    """Post-train ``policy`` in place with ``algo`` on ``examples``; returns the training record."""
+          progress: bool = True, deepspeed=None, fingerprint: str | None = None) -> TrainState:
+    """Post-train ``policy`` in place with ``algo`` on ``examples``; returns the training record.
+
+    ``fingerprint`` (the cell's config hash) is stored in each checkpoint; a checkpoint with another one (the config
+    changed since it was written) is not resumed from: the run starts over."""
     loop_options, hparams = split_loop_options(algo, hparams)
     sync = ReferenceSync.from_options(loop_options, reference, algo.name)
     objective = OBJECTIVES[algo.loop_objective]
     prepare = PREPARERS[algo.family]
-    updates_per_batch = int(UPDATES_PER_STEP[algo.family](algo, hparams))
+    updates_per_batch = int(UPDATES_PER_STEP[algo.family](algo, hparams, int(trainer.grad_accum) // world_size()))
     batches_per_epoch, total = plan(len(examples), trainer, updates_per_batch)
     total_batches = math.ceil(total / updates_per_batch)
     engine = make_engine(policy, trainer, total, deepspeed, checkpoint_dir=checkpoint_dir)
     model = engine.model  # forwards go through the engine (DeepSpeed wraps the module); == policy without it
     state, memory = TrainState(), LoopMemory()
     ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
-    if ckpt_path is not None and ckpt_path.exists():
-        state, memory = _load_checkpoint(ckpt_path, engine)
+    saved = _load_checkpoint(ckpt_path, engine, fingerprint) if ckpt_path is not None and ckpt_path.exists() \
+        else None
+    if saved is not None:
+        state, memory = saved
         state.resumed_from = state.step
     prime_memory(algo, hparams, memory)
     if sync.every is not None:  # a moving reference is part of the run's state (restored here on resume)
@@ -224,13 +238,13 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
         state.batches += 1
         state.examples += int(engine.all_reduce_sum([sum(len(mb) for mb in micro_batches)])[0])
         state.seconds += time.perf_counter() - started
-        if reward is not None:
-            state.reward_curve.append([state.step, round(float(reward), 6)])
+        if reward is not None and state.step > step_before:  # at the rollout's first step, as W&B's rollout/*
+            state.reward_curve.append([step_before + 1, round(float(reward), 6)])
         if sync.due(step_before, state.step, state.batches, batches_per_epoch) and state.step < total:
             with gathered(model) as bare:  # ZeRO-3: every rank gathers, every rank moves its reference copy
                 sync_reference(reference, bare, sync.alpha)
         due = (every and state.step // every > step_before // every) or state.batches % batches_per_epoch == 0
         if ckpt_path is not None and due and state.step < total:
-            _save_checkpoint(ckpt_path, engine, state, memory)
+            _save_checkpoint(ckpt_path, engine, state, memory, fingerprint)
     bar.close()
     return state

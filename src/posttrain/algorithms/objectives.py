@@ -123,8 +123,10 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
     lengths = mask.sum(-1)
     ref_chosen = ref_rejected = None
     if reference.enabled:
-        with reference.active() as ref_model:
-            ref_tok = token_logps(ref_model, batch["input_ids"], batch["attention_mask"])
+        ref_tok = batch.get("ref_token_logps")  # online pairs: computed in the rollout phase
+        if ref_tok is None:
+            with reference.active() as ref_model:
+                ref_tok = token_logps(ref_model, batch["input_ids"], batch["attention_mask"])
         ref_chosen, ref_rejected = _pair_logps(ref_tok, mask, n, ld_alpha)
     spec = lookup(losses.PAIRWISE_LOSSES, algo.loss, "pairwise")
     loss_hp, observers = _running(spec, loss_hp, ctx.memory)
@@ -194,7 +196,7 @@ def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, 
     return [batches], {}
 
 
-def one_update(algo, hparams) -> int:
+def one_update(algo, hparams, micro_batches_per_rank: int | None = None) -> int:
     return 1
 
 
@@ -206,6 +208,7 @@ OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "token_pairwise": 
 #: one update per batch of examples; online: the rollout phase, then ``num_iterations`` x ``num_minibatches`` updates.
 PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": offline_batches,
              "online": prepare_online}
-#: Family -> ``fn(algo, hparams) -> optimizer updates per batch of examples`` (the loop's schedule needs it upfront).
+#: Family -> ``fn(algo, hparams, micro-batches per rank and step) -> optimizer updates per batch of examples`` (the
+#: loop's schedule needs it upfront; the online one refuses minibatches the step's micro-batches cannot fill).
 UPDATES_PER_STEP = {"supervised": one_update, "pairwise": one_update, "unpaired": one_update,
                     "online": updates_per_step}

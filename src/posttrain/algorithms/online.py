@@ -30,8 +30,9 @@ pi_old IS the policy of the objective's forward, the objective passes ``old_logp
 aggregate. With more than one update per rollout the rollout phase records pi_old's log-probs (no grad) and every
 later update sees a ratio != 1, where the clipping (token, sequence, importance-weight) makes the methods differ.
 Old log-probs are also computed where something else consumes them: the KL folded into the reward (k1 = old - ref)
-and PPO's per-token rewards. ``num_minibatches`` should divide the micro-batches a rank has per step
-(``grad_accum / ranks``); a minibatch left empty (DAPO's filter, a short last step) is a no-op optimizer step.
+and PPO's per-token rewards. ``num_minibatches`` must divide the micro-batches a rank has per step
+(``grad_accum / ranks``; refused otherwise); a minibatch left empty on every rank (DAPO's filter, the short last step
+of an epoch) advances the LR schedule without touching the weights.
 
 Aggregation and gradient accumulation (``ctx`` = the whole optimizer update over all ranks): losses in
 ``STEP_TOKEN_MEAN`` (cispo, reinforce_pp, remax, ppo, grpo with loss_type dapo) divide their token sum by
@@ -52,9 +53,10 @@ overlong punishment over the last ``frac * max_new_tokens`` tokens; clip-higher 
 
 PPO keeps a value head (an MLP on the policy's detached last hidden state, zero-initialised output) with its own
 Adam optimizer in the loop's memory (checkpointed with the weights, so a resumed PPO run continues with the same
-critic); it is fitted in the rollout phase on each rollout's returns (clipped value loss, ``vf_epochs`` passes)
-after the advantages were computed with the pre-update values. PPO runs TRL's ``num_ppo_epochs`` = 4 policy passes
-per rollout (``num_iterations``).
+critic; seeded and fitted on all ranks' rollouts together, so every rank holds the same head). It is fitted in the
+rollout phase on each rollout's returns (clipped value loss, ``vf_epochs`` passes) after the advantages were
+computed with the pre-update values. PPO runs TRL's ``num_ppo_epochs`` = 4 policy passes per rollout
+(``num_iterations``).
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ def split_hparams(algo, hparams: dict | None) -> tuple[dict, dict]:
         raise ValueError(f"{algo.name}: unknown advantage {rc['advantage']!r}; known: {sorted(ADVANTAGES)}")
     if rc["objective"] not in PREPARE:
         raise ValueError(f"{algo.name}: unknown objective {rc['objective']!r}; known: {sorted(PREPARE)}")
+    if rc["advantage"] in _NEEDS_VALUES and rc["dynamic_sampling"]:
+        raise ValueError(f"{algo.name}: dynamic_sampling cannot be combined with advantage={rc['advantage']!r} (the "
+                         "value head is fitted on every rollout of every rank)")
     unknown_rewards = sorted({*rc["rewards"], rc["accuracy_reward"]} - set(REWARD_FUNCTIONS))
     if unknown_rewards:
         raise ValueError(f"{algo.name}: unknown reward function(s) {unknown_rewards}; known: "
@@ -171,15 +176,24 @@ def split_hparams(algo, hparams: dict | None) -> tuple[dict, dict]:
     return loss_hp, rc
 
 
-def updates_per_step(algo, hparams: dict | None) -> int:
-    """Optimizer updates per rollout (UPDATES_PER_STEP["online"]): ``num_iterations * num_minibatches``."""
+def updates_per_step(algo, hparams: dict | None, micro_batches_per_rank: int | None = None) -> int:
+    """Optimizer updates per rollout (UPDATES_PER_STEP["online"]): ``num_iterations * num_minibatches``.
+
+    Minibatches are made of whole micro-batches, so each rank's micro-batches of a step (``grad_accum / ranks``)
+    must split evenly into ``num_minibatches``; anything else would leave minibatches empty on every full step."""
     _, rc = split_hparams(algo, hparams)
-    return rc["num_iterations"] * rc["num_minibatches"]
+    m = rc["num_minibatches"]
+    if micro_batches_per_rank is not None and (micro_batches_per_rank < m or micro_batches_per_rank % m):
+        raise ValueError(f"{algo.name}: num_minibatches={m} needs a multiple of {m} micro-batches per step on each "
+                         f"rank, and trainer.grad_accum / ranks = {micro_batches_per_rank}: set trainer.grad_accum to "
+                         f"a multiple of {m} x ranks (and micro_batch_size to the prompts of one minibatch's part)")
+    return rc["num_iterations"] * m
 
 
 def schedule_updates(batches: list[dict], rc: dict) -> list[list[dict]]:
     """The rollout's micro-batches as optimizer updates: ``num_iterations`` passes, each over ``num_minibatches``
-    consecutive minibatches (a minibatch may be empty when the rollout has fewer micro-batches than that)."""
+    consecutive minibatches (a minibatch may be empty when the rollout has fewer micro-batches: the short last step of
+    an epoch, DAPO's filter; the loop then advances the schedule without an update)."""
     m = rc["num_minibatches"]
     per = math.ceil(len(batches) / m) if batches else 0
     minibatches = [batches[i * per:(i + 1) * per] for i in range(m)]
@@ -462,9 +476,11 @@ class ValueHead:
     """PPO's critic: an MLP on the policy's detached last hidden state (output layer zero: V = 0 at start) and its
     own Adam optimizer; ``state_dict``/``load_state_dict`` let the loop checkpoint both."""
 
-    def __init__(self, hidden_size: int, lr: float, device):
-        self.head = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.Tanh(),
-                                        torch.nn.Linear(hidden_size, 1)).to(device)
+    def __init__(self, hidden_size: int, lr: float, device, seed: int):
+        with torch.random.fork_rng(devices=[]):  # the same initial head on every rank, whatever they sampled
+            torch.manual_seed(seed)
+            self.head = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.Tanh(),
+                                            torch.nn.Linear(hidden_size, 1)).to(device)
         torch.nn.init.zeros_(self.head[2].weight)
         torch.nn.init.zeros_(self.head[2].bias)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=float(lr))
@@ -477,9 +493,9 @@ class ValueHead:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def value_head(policy, memory: LoopMemory, rc: dict) -> ValueHead:
-    """The run's value head, created on first use."""
-    return memory.get("value_head", lambda: ValueHead(_hidden_size(policy), rc["vf_lr"], _device(policy)))
+def value_head(policy, memory: LoopMemory, rc: dict, seed: int) -> ValueHead:
+    """The run's value head, created on first use (identically on every rank: seeded by the run seed)."""
+    return memory.get("value_head", lambda: ValueHead(_hidden_size(policy), rc["vf_lr"], _device(policy), seed))
 
 
 def _hidden_size(policy) -> int:
@@ -491,9 +507,12 @@ def _hidden_size(policy) -> int:
 
 
 def _fit_value_head(head, optimizer, states, old_values, returns, mask, rc) -> float:
-    """``vf_epochs`` full-batch passes of PPO's clipped value loss on this rollout; returns the last pass's loss."""
+    """``vf_epochs`` full-batch passes of PPO's clipped value loss on this rollout; returns the last pass's loss.
+
+    Over several ranks the loss is a token mean over ALL ranks' rollouts and the gradients are summed over the ranks
+    before each step, so every rank keeps the same head (the one rank 0 checkpoints)."""
     last = 0.0
-    n_tokens = float(mask.sum().clamp(min=1))
+    n_tokens = max(1.0, distributed.all_reduce_sum([float(mask.sum())])[0])
     for _ in range(rc["vf_epochs"]):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -505,8 +524,9 @@ def _fit_value_head(head, optimizer, states, old_values, returns, mask, rc) -> f
                                   num_items=n_tokens)
             loss.backward()
             total += float(loss.detach())
+        distributed.all_reduce_grads_(head.parameters())
         optimizer.step()
-        last = total
+        last = distributed.all_reduce_sum([total])[0]
     optimizer.zero_grad(set_to_none=True)
     return last
 
@@ -562,7 +582,7 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
     need_ref = algo.needs_reference({**loss_hp, **rc})
     off_policy = rc["num_iterations"] * rc["num_minibatches"] > 1  # later updates need pi_old's log-probs
     need_old = off_policy or float(rc["reward_kl_coef"] or 0.0) != 0.0 or rc["advantage"] in _NEEDS_OLD_LOGPS
-    critic = value_head(policy, memory, rc) if rc["advantage"] in _NEEDS_VALUES else None
+    critic = value_head(policy, memory, rc, seed) if rc["advantage"] in _NEEDS_VALUES else None
     old_logps, states = _forward_logps(policy, batch, chunks, temperature, hidden=critic is not None) \
         if need_old else (None, None)
     values = _values(critic.head, states, mask.shape) if critic is not None else None
@@ -631,6 +651,11 @@ def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples,
         rows = [(p, c) for p, c, _ in bucket] + [(p, r) for p, _, r in bucket]
         mb = pad_rows(rows, tokenizer.pad_token_id, max_length)
         mb.update(pairs=len(bucket), examples=len(bucket), objective="pairwise", loss_hparams=loss_hp)
+        if reference.enabled:  # here, not in the objective: with LoRA under ZeRO-3 the reference is the sharded
+            with reference.active() as ref_model:  # policy, and ranks with fewer pairs must not skip its forwards
+                dev = _device(ref_model)
+                mb["ref_token_logps"] = _objectives().token_logps(
+                    ref_model, mb["input_ids"].to(dev), mb["attention_mask"].to(dev)).float().cpu()
         out.append(mb)
     return out, stats
 

@@ -156,6 +156,17 @@ def _all_reduce(values: list[float], op: str) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_grads_(params) -> None:
+    """Sum the gradients of ``params`` over the ranks in place, for a module kept outside DeepSpeed (PPO's value
+    head); a parameter without a gradient on this rank contributes zeros. Identity alone."""
+    if world_size() == 1:
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+
+
 def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
     """Each key's mean over the ranks that have it (ranks may log different keys: a rank with no batch logs none)."""
     if world_size() == 1:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,10 +71,17 @@ def _warmup_steps(trainer_cfg, total_steps: int) -> int:
     return int(math.ceil(float(trainer_cfg.warmup_ratio) * total_steps))
 
 
+def _advance_schedule(scheduler) -> None:
+    """One schedule step without an optimizer step, on purpose: torch's "lr_scheduler.step() before
+    optimizer.step()" warning does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+
+
 class TorchEngine:
     rank = 0
     world_size = 1
-    needs_a_backward_per_step = False  # a step without gradients changes nothing (AdamW skips grad-less params)
 
     def __init__(self, model: torch.nn.Module, trainer_cfg, total_steps: int):
         self.model = model
@@ -97,6 +105,11 @@ class TorchEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def skip_step(self) -> None:
+        """An optimizer step without data (no micro-batch on any rank): the schedule advances, the weights and the
+        optimizer's moments do not (a zero-gradient AdamW step would still move them by momentum and decay)."""
+        _advance_schedule(self.scheduler)
 
     @property
     def lr(self) -> float:
@@ -211,8 +224,6 @@ def deepspeed_config(trainer_cfg, deepspeed_cfg, *, world_size: int, cuda: bool)
 class DeepSpeedEngine:
     """The loop's engine on DeepSpeed (ZeRO 0-3). Call ``setup_distributed()`` first on multi-process runs."""
 
-    needs_a_backward_per_step = True  # the loop pads an update without micro-batches with a zero-loss pass
-
     def __init__(self, model: torch.nn.Module, trainer_cfg, total_steps: int, deepspeed_cfg, *,
                  checkpoint_dir: str | Path | None = None):
         from posttrain.models.distributed import setup_distributed
@@ -263,6 +274,11 @@ class DeepSpeedEngine:
         self.ds.step()
         norm = self._norm if self._own_clip else self.ds.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
+
+    def skip_step(self) -> None:
+        """As TorchEngine.skip_step; DeepSpeed's step counter advances too (it names the checkpoint tags)."""
+        _advance_schedule(self.scheduler)
+        self.ds.global_steps += 1
 
     @property
     def lr(self) -> float:

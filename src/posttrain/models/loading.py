@@ -105,7 +105,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 class Reference:
-    """The frozen reference: a copy of the initial policy, or with LoRA the same network with adapters disabled.
+    """The reference: a copy of the initial policy (frozen, unless SPIN / TR-DPO move it: algorithms/reference_sync),
+    or with LoRA the same network with adapters disabled.
 
     ``with reference.active() as ref_model:`` gives the module to run a no-grad forward on. A reference-free
     algorithm gets ``Reference(None)`` and never runs a reference forward (``calls`` counts them).
