@@ -57,7 +57,7 @@ def test_memory_restores_each_object_when_it_is_first_asked_for():
     restored = LoopMemory(saved)
     assert restored.state_dict() == saved, "objects nobody asked for yet are kept as saved"
     again = restored.get("running/x", lambda: RunningMean(0.5))
-    assert (again.value, again.count) == (2.0, 1) and restored.values() == {"running/x": 2.0}
+    assert (again.value, again.count) == (2.0, 1) and restored.state_dict()["running/x"]["value"] == 2.0
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_betadpo_uses_the_loops_ema_of_the_margins_after_the_first_step(tok):
         assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
         memory.commit(_sum)
         expected_mu = float(margins.mean()) if expected_mu is None else 0.9 * expected_mu + 0.1 * float(margins.mean())
-        assert memory.values()["running/margin_mean"] == pytest.approx(expected_mu, abs=1e-6)
+        assert memory.state_dict()["running/margin_mean"]["value"] == pytest.approx(expected_mu, abs=1e-6)
     assert expected_mu != pytest.approx(float(margins.mean()), abs=1e-6), "the EMA is not the last batch's mean"
 
 
@@ -132,7 +132,7 @@ def test_unpaired_bco_shifts_by_the_running_mean_of_the_implicit_rewards(tok):
         assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
         memory.commit(_sum)
         step_means.append(float((beta * r).mean()))
-    assert memory.values()["running/delta"] == pytest.approx(sum(step_means) / 3, abs=1e-6)
+    assert memory.state_dict()["running/delta"]["value"] == pytest.approx(sum(step_means) / 3, abs=1e-6)
 
 
 def _trainer(**kw):

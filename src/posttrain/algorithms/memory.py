@@ -90,7 +90,3 @@ class LoopMemory:
 
     def state_dict(self) -> dict:
         return {**self._saved, **{k: o.state_dict() for k, o in self._objects.items()}}
-
-    def values(self) -> dict[str, float]:
-        """The running statistics' current values (the objectives log them as ``train/running/<name>``)."""
-        return {k: o.value for k, o in self._objects.items() if isinstance(o, RunningMean) and o.value is not None}

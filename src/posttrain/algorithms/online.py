@@ -526,9 +526,9 @@ def _fit_value_head(head, optimizer, states, old_values, returns, mask, rc) -> f
             total += float(loss.detach())
         distributed.all_reduce_grads_(head.parameters())
         optimizer.step()
-        last = distributed.all_reduce_sum([total])[0]
+        last = total
     optimizer.zero_grad(set_to_none=True)
-    return last
+    return distributed.all_reduce_sum([last])[0]  # the last pass's loss over all ranks
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -652,10 +652,8 @@ def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples,
         mb = pad_rows(rows, tokenizer.pad_token_id, max_length)
         mb.update(pairs=len(bucket), examples=len(bucket), objective="pairwise", loss_hparams=loss_hp)
         if reference.enabled:  # here, not in the objective: with LoRA under ZeRO-3 the reference is the sharded
-            with reference.active() as ref_model:  # policy, and ranks with fewer pairs must not skip its forwards
-                dev = _device(ref_model)
-                mb["ref_token_logps"] = _objectives().token_logps(
-                    ref_model, mb["input_ids"].to(dev), mb["attention_mask"].to(dev)).float().cpu()
+            # policy, and ranks with fewer pairs must not skip its forwards (the objective's logits: temperature 1)
+            mb["ref_token_logps"] = _reference_logps(reference, mb, [slice(0, len(rows))], temperature=1.0)
         out.append(mb)
     return out, stats
 
