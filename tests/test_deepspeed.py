@@ -44,7 +44,7 @@ def parity_reward(completions, answers):
 def trainer(**kw):
     base = dict(lr=3e-3, epochs=1, micro_batch_size=2, grad_accum=2, max_steps=None, warmup_ratio=0.1,
                 schedule="cosine", betas=[0.9, 0.95], eps=1e-8, weight_decay=0.01, max_grad_norm=0.5,
-                checkpoint_every=0, log_every=1, dtype="float32")
+                checkpoint_every=0, log_every=1, precision="fp32")
     return OmegaConf.create({**base, **kw})
 
 
@@ -406,7 +406,7 @@ def test_deepspeed_config_comes_from_the_trainer_config(name):
 
     ds = OmegaConf.load(CONF / f"{name}.yaml")
     assert deepspeed_enabled(ds)
-    tr = trainer(micro_batch_size=3, grad_accum=4, dtype="bfloat16")
+    tr = trainer(micro_batch_size=3, grad_accum=4, precision="bf16-mixed")
     cpu = deepspeed_config(tr, ds, world_size=2, cuda=False)
     assert cpu["train_micro_batch_size_per_gpu"] == 3 and cpu["train_batch_size"] == 6
     assert cpu["gradient_accumulation_steps"] == 1 and cpu["managed_gradient_accumulation"] is False
@@ -420,7 +420,7 @@ def test_deepspeed_config_comes_from_the_trainer_config(name):
     gpu = deepspeed_config(tr, ds, world_size=8, cuda=True)
     assert gpu["bf16"] == {"enabled": True} and gpu["train_batch_size"] == 24
     assert gpu["optimizer"]["params"]["torch_adam"] is not offload, "DeepSpeed's CPU Adam for GPU + offload"
-    assert deepspeed_config(trainer(dtype="float32"), ds, world_size=1, cuda=True)["bf16"] == {"enabled": False}
+    assert deepspeed_config(trainer(precision="fp32"), ds, world_size=1, cuda=True)["bf16"] == {"enabled": False}
 
 
 def test_deepspeed_config_rejects_unknown_keys_and_merges_extra_config():

@@ -171,7 +171,8 @@ def optimizer_update(engine, model, reference, objective, algo, hparams, update:
     padding = _padding_passes(engine, len(update))
     step_loss, stats = 0.0, {}
     for batch in update:
-        loss, micro_stats = objective(model, reference, batch, algo, hparams, ctx)
+        with engine.autocast():  # bf16-mixed: bf16 forwards over float32 master weights; backward outside
+            loss, micro_stats = objective(model, reference, batch, algo, hparams, ctx)
         engine.backward(loss)
         step_loss += loss.item()
         for key, value in micro_stats.items():
@@ -216,9 +217,10 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
     for micro_batches in step_batches(examples, trainer, seed, state.batches, total_batches, engine.rank,
                                       engine.world_size):
         started, step_before = time.perf_counter(), state.step
-        updates, rollout_stats = prepare(model, reference, tokenizer, algo, hparams, micro_batches,
-                                         max_length=max_length, seed=seed, step=state.batches, memory=memory,
-                                         pool=examples)
+        with engine.autocast():
+            updates, rollout_stats = prepare(model, reference, tokenizer, algo, hparams, micro_batches,
+                                             max_length=max_length, seed=seed, step=state.batches, memory=memory,
+                                             pool=examples)
         rollout_stats = engine.mean_over_ranks(rollout_stats)
         reward = rollout_stats.get("reward_mean")
         for update in updates[: total - state.step]:

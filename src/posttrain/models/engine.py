@@ -8,8 +8,11 @@ split and the logs):
 - ``DeepSpeedEngine``: DeepSpeed ZeRO 0-3, one rank per GPU (or per process on CPU with gloo), built from the
   trainer config so that both engines optimise the same thing: AdamW with the trainer's betas/eps/weight decay
   (decay on matrices only, as TorchEngine), the same warmup+cosine ``LambdaLR`` (built by DeepSpeed on its own
-  optimizer), gradient clipping at ``trainer.max_grad_norm``, bf16 when ``trainer.dtype`` is bfloat16 and CUDA is
-  there (fp32 otherwise).
+  optimizer), gradient clipping at ``trainer.max_grad_norm``; ``trainer.precision=bf16-mixed`` is DeepSpeed's bf16
+  mode (float32 master weights and states) on a GPU, float32 weights under autocast on a CPU (models/precision.py).
+
+Both engines expose ``autocast()``: the context every forward of the loop runs in (bf16 autocast over float32
+master weights for ``bf16-mixed`` on the plain engine; nothing otherwise).
 
 Gradient accumulation stays the loop's: it calls ``backward`` once per micro-batch with losses ALREADY divided by
 the whole step's example/token count over ALL ranks (``all_reduce_sum``), then ``step`` once. DeepSpeed runs with
@@ -41,6 +44,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from posttrain.models.precision import Precision
+
+
+def _precision(trainer_cfg, *, deepspeed: bool, cuda: bool | None = None) -> Precision:
+    return Precision.from_config(trainer_cfg.get("precision", "fp32"), deepspeed=deepspeed, cuda=cuda)
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
@@ -94,6 +103,10 @@ class TorchEngine:
         self.max_grad_norm = trainer_cfg.max_grad_norm
         self.params = params
         self.device = next(model.parameters()).device
+        self.precision = _precision(trainer_cfg, deepspeed=False)
+
+    def autocast(self):
+        return self.precision.autocast(self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -196,7 +209,7 @@ def deepspeed_config(trainer_cfg, deepspeed_cfg, *, world_size: int, cuda: bool)
     # reason to offload at all; on a CPU-only machine nothing is compiled for the optimizer.
     torch_adam = ds.get("torch_adam")
     torch_adam = (not (cuda and offload_optimizer)) if torch_adam is None else bool(torch_adam)
-    bf16 = str(trainer_cfg.dtype) == "bfloat16" and cuda
+    bf16 = _precision(trainer_cfg, deepspeed=True, cuda=cuda).deepspeed_bf16
     micro = int(trainer_cfg.micro_batch_size)
     max_norm = trainer_cfg.max_grad_norm
     config = {
@@ -234,9 +247,10 @@ class DeepSpeedEngine:
         cuda = torch.cuda.is_available()
         self.config = deepspeed_config(trainer_cfg, deepspeed_cfg, world_size=info.world_size, cuda=cuda)
         self.stage = int(self.config["zero_optimization"]["stage"])
+        self.precision = _precision(trainer_cfg, deepspeed=True, cuda=cuda)
         if not self.config["bf16"]["enabled"] and any(p.dtype in (torch.bfloat16, torch.float16)
                                                       for p in model.parameters()):
-            model.float()  # fp32 training (no CUDA, or trainer.dtype float32): master weights in fp32
+            model.float()  # no DeepSpeed bf16 (CPU, or fp32): float32 weights (a LoRA run's bf16 base included)
         groups, params = _param_groups(model, float(trainer_cfg.weight_decay))
         self._frozen = any(not p.requires_grad for p in model.parameters())
         fn = lr_lambda(total_steps, _warmup_steps(trainer_cfg, total_steps), str(trainer_cfg.schedule))
@@ -260,6 +274,9 @@ class DeepSpeedEngine:
         self.checkpoint_root = None if checkpoint_dir is None else Path(checkpoint_dir) / "deepspeed"
         self._last_tag = None
         _ENGINES[model] = self.ds
+
+    def autocast(self):
+        return self.precision.autocast(self.device)
 
     def _clip(self, optimizer, args, kwargs):
         self._norm = float(torch.nn.utils.clip_grad_norm_(self._params, self._max_norm))

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 PROBE = "Question: Ann has 3 boxes with 4 pens in each. How many?\nAnswer: 3*4=12\n#### 12"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):
@@ -68,14 +67,16 @@ def load_tokenizer(location: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_policy(scale, lora, *, trust_remote_code: bool = False, device: str | torch.device = "cpu") -> Loaded:
+def load_policy(scale, lora, *, trust_remote_code: bool = False, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Loaded:
+    """Tokenizer and model of a scale; ``dtype`` is what the weights are held in (``Precision.load_dtype``: float32
+    master weights for bf16-mixed, whatever the checkpoint's own dtype on disk)."""
     from transformers import AutoModelForCausalLM
 
     model_loc, tok_loc = resolve_model_paths(scale)
     tokenizer = load_tokenizer(tok_loc, trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_loc, dtype=DTYPES[scale.get("dtype", "float32")], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_loc, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(
             f"cannot load the model {model_loc!r} ({type(exc).__name__}: {_first_line(exc)}). Without the model "
