@@ -1,7 +1,11 @@
-"""Real GSM8K through ``datasets``: a hub id (``openai/gsm8k``) or a local file in GSM8K's format.
+"""Real GSM8K through ``datasets``: a hub id (``openai/gsm8k``), its copy in the mirror, or a local file in GSM8K's
+format.
 
 Each record has ``question`` and ``answer`` (a worked solution ending in ``#### N``), as the hub dataset and
-lm-eval's gsm8k task. A malformed local file is reported with its name and line, not a traceback.
+lm-eval's gsm8k task. A hub id is read from the mirror when the mirror holds it
+(``<mirror>/datasets/openai/gsm8k/main/train.jsonl``, posttrain.mirror), from the hub otherwise; with the hub
+offline and no copy, one line names the file expected. A malformed local file is reported with its name and line,
+not a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from posttrain import mirror as mirror_layout
 from posttrain.data.synth import Problem
 from posttrain.rewards import INVALID, extract_strict
 
@@ -36,11 +41,20 @@ def _check_record(record, where: str) -> None:
         raise DataFormatError(f"{where}: the answer has no final '#### N' line (GSM8K format)")
 
 
-def load_gsm8k(path: str, split: str = "train", limit: int | None = None) -> list[Problem]:
-    """GSM8K problems from a hub id or a local json/jsonl/parquet file (question + worked answer)."""
+CONFIG = "main"  # the hub dataset's config (openai/gsm8k has main and socratic)
+
+
+def load_gsm8k(path: str, split: str = "train", limit: int | None = None, *,
+               mirror: str | None = None) -> list[Problem]:
+    """GSM8K problems from a hub id (through the mirror when it holds it) or a local json/jsonl/parquet file."""
     from datasets import load_dataset
 
     local = Path(path).expanduser()
+    if not local.exists() and mirror and not mirror_layout.is_local_path(path):
+        found = mirror_layout.split_file(mirror, path, CONFIG, split)
+        if found is None and mirror_layout.hub_offline():
+            raise mirror_layout.missing_split(mirror, path, CONFIG, split, needed_by="GSM8K training prompts")
+        local = found or local
     if local.exists():
         suffix = local.suffix.lower()
         if suffix in (".jsonl", ".json"):
@@ -52,7 +66,7 @@ def load_gsm8k(path: str, split: str = "train", limit: int | None = None) -> lis
         else:
             raise DataFormatError(f"{local}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
     else:
-        ds = load_dataset(path, "main", split=split)
+        ds = load_dataset(path, CONFIG, split=split)
     out = []
     for i, record in enumerate(ds):
         if limit is not None and i >= limit:

@@ -3,7 +3,13 @@
 The embedded tasks ship as YAMLs in ``evaluate/tasks``; their data are generated deterministically, written with
 resolved YAMLs under the cache root (lm-eval's json loader needs real paths) and loaded through
 ``TaskManager(include_path=...)``. Real tasks (gsm8k, minerva_math, arc_challenge, hellaswag, winogrande) are
-lm-eval's own, which need their datasets (hub or HF_DATASETS_CACHE).
+lm-eval's own task definitions (posttrain.evaluate.lm_eval_tasks), reading their datasets from the mirror when the
+mirror holds them (README.md, "Mirror"), else from the hub as lm-eval does. minerva_math is scored by lm-eval's
+own code inside posttrain.evaluate.math_runtime's antlr4 4.11 window (its docstring gives the decision).
+
+Generation settings: ``eval.max_gen_toks`` reaches every generate_until task through ``simple_evaluate``'s
+``gen_kwargs`` (lm-eval's real tasks otherwise use HFLM's default of 256 tokens), and the generation kwargs each
+task ran with are handed back (``generation=``) so result.json records what ran, not what was asked for.
 
 Metrics are returned exactly as lm-eval names them (``exact_match,strict-match``, ``acc_norm,none``, ...),
 non-numeric entries (``N/A``) dropped.
@@ -14,21 +20,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from posttrain.cache import cache_root, cached_dir, stable_hash
 from posttrain.data import synth
+from posttrain.evaluate import lm_eval_tasks, math_runtime
+from posttrain.evaluate.lm_eval_tasks import lm_eval_version  # noqa: F401 - re-exported (run.py)
 
 TASK_DIR = Path(__file__).parent / "tasks"
 EMBEDDED = {"synth_gsm8k", "synth_math", "synth_mc"}
 EMBEDDED_SIZES = {"test": 500, "fewshot": 50}  # documents per split of each embedded task
 EMBEDDED_VERSION = 1
-
-
-def lm_eval_version() -> str:
-    from importlib.metadata import version
-
-    return version("lm_eval")
 
 
 def _write_embedded(tmp: Path, final: Path, max_gen_toks: int) -> None:
@@ -74,8 +78,13 @@ def _numeric(metrics: dict) -> dict:
     return out
 
 
-def evaluate(model, tokenizer, eval_cfg, *, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Run lm-eval on ``eval_cfg.tasks`` for an in-memory HF model; ``{task: {metric: value}}``."""
+def evaluate(model, tokenizer, eval_cfg, *, seed: int = 0, mirror: str | None = None,
+             generation: dict | None = None, autocast_dtype=None) -> dict[str, dict[str, float]]:
+    """Run lm-eval on ``eval_cfg.tasks`` for an in-memory HF model; ``{task: {metric: value}}``.
+
+    ``mirror``: the local mirror directory (config key ``mirror``); ``generation``: filled with
+    ``{task: generation kwargs as run}`` for the generate_until tasks; ``autocast_dtype``: HFLM's
+    ``mixed_precision_dtype`` (bf16 forwards over float32 weights, as the run trained; None: the weights' dtype)."""
     from lm_eval.models.huggingface import HFLM
 
     was_training = model.training
@@ -83,14 +92,16 @@ def evaluate(model, tokenizer, eval_cfg, *, seed: int = 0) -> dict[str, dict[str
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(eval_cfg.batch_size),
                   device=str(next(model.parameters()).device),
-                  max_length=getattr(model.config, "max_position_embeddings", 2048))
-        return evaluate_lm(lm, eval_cfg, seed=seed)
+                  max_length=getattr(model.config, "max_position_embeddings", 2048),
+                  mixed_precision_dtype=autocast_dtype)
+        return evaluate_lm(lm, eval_cfg, seed=seed, mirror=mirror, generation=generation)
     finally:
         model.train(was_training)
 
 
-def evaluate_lm(lm, eval_cfg, *, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Run lm-eval's ``simple_evaluate`` with any lm-eval ``LM`` (HFLM, or a test oracle)."""
+def evaluate_lm(lm, eval_cfg, *, seed: int = 0, mirror: str | None = None,
+                generation: dict | None = None) -> dict[str, dict[str, float]]:
+    """Run lm-eval's ``simple_evaluate`` with any lm-eval ``LM`` (HFLM, or a test oracle); see :func:`evaluate`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -98,17 +109,37 @@ def evaluate_lm(lm, eval_cfg, *, seed: int = 0) -> dict[str, dict[str, float]]:
     unknown_embedded = [t for t in tasks if t.startswith("synth_") and t not in EMBEDDED]
     if unknown_embedded:
         raise ValueError(f"unknown embedded task(s) {unknown_embedded}; known: {sorted(EMBEDDED)}")
-    include = [str(embedded_task_dir(int(eval_cfg.max_gen_toks)))] if set(tasks) & EMBEDDED else None
-    task_manager = TaskManager(include_path=include, include_defaults=bool(set(tasks) - EMBEDDED))
+    max_gen_toks = eval_cfg.get("max_gen_toks")
+    gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks is not None else None
     for name in ("lm_eval", "lm-eval"):  # its "model is not a str" warnings are expected for in-memory models
         logging.getLogger(name).setLevel(logging.ERROR)
+    real = [t for t in tasks if t not in EMBEDDED]
+    dirs = lm_eval_tasks.index_dirs(real) if real else []
+    index = lm_eval_tasks.build_index(dirs) if real else {}
+    leaves = lm_eval_tasks.leaf_tasks(real, index)
     results: dict[str, dict[str, float]] = {}
-    for shots, group in _fewshot_groups(tasks, eval_cfg.num_fewshot).items():
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=group, num_fewshot=shots, limit=eval_cfg.limit, task_manager=task_manager,
-            apply_chat_template=bool(eval_cfg.apply_chat_template), log_samples=False, bootstrap_iters=1000,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            verbosity="WARNING")
-        for task, metrics in out["results"].items():
-            results[task] = _numeric(metrics)
+    with tempfile.TemporaryDirectory(prefix="posttrain-mirror-tasks-") as overrides:
+        if mirror and leaves:
+            lm_eval_tasks.write_mirror_overrides(leaves, str(mirror), Path(overrides))
+        include = [str(d) for d in dirs or []]
+        if set(tasks) & EMBEDDED:
+            include.append(str(embedded_task_dir(int(eval_cfg.max_gen_toks))))
+        include.append(overrides)
+        task_manager = TaskManager(include_path=include, include_defaults=dirs is None)
+        for shots, group in _fewshot_groups(tasks, eval_cfg.num_fewshot).items():
+            needs_math = any(leaf.lm_eval_dir in math_runtime.TASK_DIRS
+                             for leaf in lm_eval_tasks.leaf_tasks([t for t in group if t not in EMBEDDED], index))
+            with math_runtime.scoring(mirror) if needs_math else nullcontext():
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=group, num_fewshot=shots, limit=eval_cfg.limit, task_manager=task_manager,
+                    apply_chat_template=bool(eval_cfg.apply_chat_template), log_samples=False,
+                    bootstrap_iters=1000, gen_kwargs=gen_kwargs, random_seed=seed, numpy_random_seed=seed,
+                    torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR")
+            for task, metrics in out["results"].items():
+                results[task] = _numeric(metrics)
+            if generation is not None:
+                for task, config in (out.get("configs") or {}).items():
+                    if config.get("output_type") == "generate_until":
+                        generation[task] = dict(config.get("generation_kwargs") or {})
     return results
+
