@@ -256,10 +256,15 @@ def _score(texts, answers, lengths, truncated, rc) -> tuple[torch.Tensor, torch.
     return reward, accuracy, score
 
 
+def _stop_strings(examples: list[dict], indices) -> tuple[str, ...]:
+    """The prompt format's stop strings, carried by the examples (a few-shot prompt stops at lm-eval's ``until``)."""
+    return tuple(examples[indices[0]].get("stop_strings", ())) if len(indices) else ()
+
+
 def _sample_groups(policy, tokenizer, examples: list[dict], indices: list[int], rc: dict, seed: int) -> list[Group]:
     cfg = SamplingConfig(num_samples=rc["num_samples"], temperature=float(rc["temperature"]),
                          top_p=float(rc["top_p"]), max_new_tokens=rc["max_new_tokens"],
-                         batch_size=rc["generation_batch_size"])
+                         stop_strings=_stop_strings(examples, indices), batch_size=rc["generation_batch_size"])
     rollouts = sample(policy, tokenizer, [examples[i]["prompt"] for i in indices], cfg, seed=seed)
     groups = []
     for i, r in zip(indices, rollouts):
@@ -273,9 +278,9 @@ def _sample_groups(policy, tokenizer, examples: list[dict], indices: list[int], 
 
 def _greedy_scores(policy, tokenizer, examples: list[dict], groups: list[Group], rc: dict, seed: int) -> None:
     """ReMax's baseline: one greedy decode per prompt, scored like the samples."""
-    cfg = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=rc["max_new_tokens"],
-                         batch_size=rc["generation_batch_size"])
     wanted = sorted({g.example for g in groups})
+    cfg = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=rc["max_new_tokens"],
+                         stop_strings=_stop_strings(examples, wanted), batch_size=rc["generation_batch_size"])
     rollouts = sample(policy, tokenizer, [examples[i]["prompt"] for i in wanted], cfg, seed=seed)
     by_example = {}
     for i, r in zip(wanted, rollouts):
