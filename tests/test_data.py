@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from posttrain.data import synth
-from posttrain.data.collate import collate, pad_sequences
+from posttrain.data.collate import collate, mismatched_rows, pad_sequences
 from posttrain.data.gsm8k import DataFormatError, load_gsm8k
 from posttrain.data.selfplay import make_examples
 from posttrain.data.tokenizer import build_char_tokenizer
@@ -103,8 +103,12 @@ def test_collation_masks_prompt_and_padding_and_appends_eos(tmp_path):
     unp = collate("unpaired", tok, [{"prompt": "p", "completion": " a", "desirable": True},
                                     {"prompt": "q", "completion": " bb", "desirable": False}], 64)
     assert unp["rows"] == 2 and torch.equal(unp["desirable"], torch.tensor([True, False]))
-    decoded = [tok.decode(r[a.bool()]) for r, a in zip(unp["input_ids"], unp["attention_mask"])]
-    assert decoded[2].startswith("p bb") and decoded[3].startswith("q a"), "mismatched rows rotate completions"
+    assert unp["input_ids"].shape[0] == 2, "the gradient forward carries the examples' own rows only"
+    annotated = [{"prompt": "p", "completion": " a", "desirable": True, "kl_completion": " bb"},
+                 {"prompt": "q", "completion": " bb", "desirable": False, "kl_completion": " a"}]
+    kl = mismatched_rows(tok, annotated, 64, matched=True)  # KTO's anchor pass: own rows, then mismatched ones
+    decoded = [tok.decode(r[a.bool()]) for r, a in zip(kl["input_ids"], kl["attention_mask"])]
+    assert decoded[0].startswith("p a") and decoded[2].startswith("p bb") and decoded[3].startswith("q a")
 
 
 def test_local_gsm8k_file_loads_and_bad_files_name_file_and_line(tmp_path):

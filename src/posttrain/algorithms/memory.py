@@ -26,7 +26,8 @@ class RunningMean:
     ``momentum`` None: the cumulative mean of the per-step means (TRL's ``RunningMoments`` fed one batch mean per
     step, as its BCO does); otherwise an EMA ``mu <- momentum * mu + (1 - momentum) * step mean`` (beta-DPO: 0.9),
     started at the first step's mean. ``value`` is None before the first commit: the loss then uses the batch's own
-    mean (the pure functions' default), which is what the first step of both papers' algorithms sees.
+    mean (the pure functions' default; the unpaired family's preparer passes the whole step's mean over micro-batches
+    and ranks instead), which is what the first step of both papers' algorithms sees.
 
     Deliberate difference from TRL's BCO: TRL updates the mean with the current batch before using it; here a step
     uses the statistic of the steps before it (the current step's mean is only known after all its micro-batches,

@@ -5,6 +5,10 @@ scaled for gradient accumulation: per-example losses are summed and divided by t
 accumulated step (``ctx.examples``), token losses by its token count (``ctx.tokens``), so the result does not
 depend on how a step is split into micro-batches. Log-probs are computed in float32 from the logits over the full
 vocabulary, prompt and padding masked (ALGORITHMS.md 0 and 6).
+
+A statistic of the whole step (KTO's reference point z0; BCO's first-step delta) is computed before the step's
+first backward by the family's preparer (``PREPARERS``), from examples the family's ``STEP_HOOKS`` entry annotated
+on the whole step, and reaches every micro-batch's objective with its batch.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from posttrain import losses
 from posttrain.losses._common import lookup
 from posttrain.algorithms.memory import LoopMemory, RunningMean
 from posttrain.algorithms.online import online, prepare_online, updates_per_step
-from posttrain.data.collate import collate
+from posttrain.data.collate import collate, mismatched_partners, mismatched_rows
+from posttrain.models import distributed
 
 
 @dataclass(frozen=True)
@@ -171,16 +176,32 @@ def token_pairwise(policy, reference, batch, algo, hparams, ctx):
 
 
 def unpaired(policy, reference, batch, algo, hparams, ctx):
-    """KTO family: completions plus their mismatched partners (the KL anchor z0), one forward each model."""
-    n = batch["rows"]
-    seq, lengths = sequence_logps(policy, batch)
-    ref = _reference_logps(reference, batch) if reference.enabled else torch.zeros_like(seq)
-    anchor = losses.kto_kl_anchor(seq[n:].detach(), ref[n:])
+    """KTO family: the examples' own rows, one policy forward with gradient.
+
+    What the whole step shares comes with the batch from the step's no-grad pass (``unpaired_batches``): KTO's
+    reference point ``kl_anchor`` (z0 over the step's mismatched pairs on all micro-batches and ranks), the own rows'
+    reference log-probs ``ref_logps`` (computed there in the same reference forward), and at the first step the step
+    means that stand in for running statistics not yet committed (``step_means``: BCO's delta). Without them (a batch
+    from ``collate`` alone) the reference runs here, and a running statistic's first value is the batch's own mean.
+    """
     spec = lookup(losses.UNPAIRED_LOSSES, algo.loss, "unpaired")
+    anchor = batch.get("kl_anchor")
+    if spec.needs_kl_anchor and anchor is None:
+        raise ValueError(f"unpaired loss {algo.loss!r} needs the step's kl_anchor (z0): prepare the step's batches "
+                         "with PREPARERS['unpaired'] (unpaired_batches), not with collate alone")
+    seq, lengths = sequence_logps(policy, batch)
+    ref = batch.get("ref_logps")
+    if ref is None:
+        ref = _reference_logps(reference, batch) if reference.enabled else torch.zeros_like(seq)
     hp, observers = _running(spec, hparams, ctx.memory)
-    inputs, fn_hp = losses.unpaired_inputs(algo.loss, seq[:n], ref[:n], batch["desirable"], kl_anchor=anchor,
-                                           lengths=lengths[:n], **hp)
-    stats = {"kl_anchor": float(anchor), "logps/completion": seq[:n].mean().item()}
+    for key, value in batch.get("step_means", {}).items():
+        if hp.get(key) is None:
+            hp[key] = value
+    inputs, fn_hp = losses.unpaired_inputs(algo.loss, seq, ref, batch["desirable"], kl_anchor=anchor,
+                                           lengths=lengths, **hp)
+    stats = {"logps/completion": seq.mean().item()}
+    if anchor is not None:
+        stats["kl_anchor"] = float(anchor)
     _observe(observers, inputs, fn_hp, stats)
     return spec.fn(inputs, **fn_hp).sum() / ctx.examples, stats
 
@@ -196,6 +217,111 @@ def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, 
     return [batches], {}
 
 
+def unpaired_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
+                     memory=None, pool=None):
+    """PREPARERS["unpaired"]: tokenise as ``offline_batches``, then run the step's no-grad pass where the loss needs
+    a statistic of the whole step, and hand its results to every micro-batch (see ``unpaired``).
+
+    KTO's reference point (``needs_kl_anchor``): ``z0 = max(0, sum / count)`` of ``S_theta(y'|x) - S_ref(y'|x)`` over
+    the step's mismatched pairs (partners from :func:`~posttrain.data.collate.mismatched_partners`, annotated by the
+    ``STEP_HOOKS`` entry), the sum and count all-reduced over the ranks, clamped after averaging
+    (``losses.kto_kl_anchor``), the same detached value in every micro-batch's loss. This is the paper's estimate
+    over the step's batch; TRL averages per-device means of one micro-batch each (its ``gather_for_metrics(kl)``),
+    so its z0 changes with the accumulation split and the device count, and ours does not.
+
+    A running statistic not yet committed (BCO's delta at the first step): its per-example values on the step's own
+    rows, averaged over micro-batches and ranks, stand in for it (``step_means``), instead of each micro-batch's own
+    mean; from the second step on the loop's running mean is used, as before.
+
+    Runs before the step's first backward, as every collective of the step must (``train._padding_passes``). Every
+    rank runs as many forwards as the busiest one (ZeRO-3 gathers inside each forward, the LoRA reference's
+    included): a rank with fewer micro-batches runs one-token forwards. The pass's reference forward covers the own
+    rows too, so a KTO step still makes one reference forward per micro-batch (``train.reference_forwards``).
+    Losses that need neither (apo_zero_unpaired; BCO after its first step) cost nothing extra.
+    """
+    updates, stats = offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches,
+                                     max_length=max_length, seed=seed, step=step)
+    spec = lookup(losses.UNPAIRED_LOSSES, algo.loss, "unpaired")
+    hp, observers = _running(spec, hparams, memory)
+    first = [(key, running) for key, stat, running in observers if stat.value is None]
+    if spec.needs_kl_anchor or first:
+        _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, updates[0], first, max_length)
+    return updates, stats
+
+
+def _rows(batch: dict, rows: slice, device) -> dict:
+    """Rows of a padded batch, cut to their own width, on ``device``."""
+    width = max(int(batch["attention_mask"][rows].sum(-1).max()), 2)
+    return {k: batch[k][rows, :width].to(device) for k in ("input_ids", "attention_mask", "completion_mask")}
+
+
+def _one_token_forward(model, device) -> None:
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+
+
+@torch.no_grad()
+def _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, batches, first, max_length) -> None:
+    spec = losses.UNPAIRED_LOSSES[algo.loss]
+    anchor = spec.needs_kl_anchor
+    device = next(policy.parameters()).device
+    passes = int(distributed.all_reduce_max([len(micro_batches)])[0])
+    kl_sum, kl_count, own = 0.0, 0, []
+    for mb, batch in zip(micro_batches, batches):
+        n = len(mb)
+        rows = mismatched_rows(tokenizer, mb, max_length, matched=True) if anchor else batch
+        n_rows = rows["input_ids"].shape[0]
+        ref = torch.zeros(n_rows)
+        if reference.enabled:
+            with reference.active() as ref_model:
+                ref = sequence_logps(ref_model, _rows(rows, slice(0, n_rows), device))[0].float().cpu()
+        start = 0 if first else n  # the own rows' policy log-probs only for a first step's running statistics
+        seq = torch.zeros(n_rows)
+        seq[start:] = sequence_logps(policy, _rows(rows, slice(start, n_rows), device))[0].float().cpu()
+        if anchor:
+            kl_sum += float((seq[n:].double() - ref[n:].double()).sum())
+            kl_count += n
+        if reference.enabled:
+            batch["ref_logps"] = ref[:n]
+        own.append((seq[:n], ref[:n], batch["desirable"], batch["completion_mask"][:, 1:].sum(-1)))
+    for _ in range(passes - len(micro_batches)):  # as many forwards as the busiest rank (ZeRO-3)
+        if reference.enabled:
+            with reference.active() as ref_model:
+                _one_token_forward(ref_model, device)
+        _one_token_forward(policy, device)
+    z0 = None
+    if anchor:
+        total, count = distributed.all_reduce_sum([kl_sum, kl_count])
+        z0 = losses.kto_kl_anchor(torch.tensor(total / max(count, 1.0), dtype=torch.float64), torch.tensor(0.0))
+        z0 = z0.float()
+        for batch in batches:
+            batch["kl_anchor"] = z0
+    if first:
+        sums = [0.0, 0.0] * len(first)
+        for seq, ref, desirable, lengths in own:
+            inputs, fn_hp = losses.unpaired_inputs(algo.loss, seq, ref, desirable, kl_anchor=z0, lengths=lengths,
+                                                   **hp)
+            for k, (_, running) in enumerate(first):
+                values = running.observe(inputs, fn_hp).detach().double()
+                sums[2 * k] += float(values.sum())
+                sums[2 * k + 1] += values.numel()
+        sums = distributed.all_reduce_sum(sums)
+        means = {key: sums[2 * k] / sums[2 * k + 1] for k, (key, _) in enumerate(first) if sums[2 * k + 1]}
+        for batch in batches:
+            batch["step_means"] = means
+
+
+def kto_partners(algo, hparams, *, pool: list, seed: int):
+    """STEP_HOOKS["unpaired"]: for a loss that needs KTO's z0, ``fn(step's examples, step) -> examples`` annotated
+    with their mismatched partners (:func:`~posttrain.data.collate.mismatched_partners`); None otherwise."""
+    if not lookup(losses.UNPAIRED_LOSSES, algo.loss, "unpaired").needs_kl_anchor:
+        return None
+    return lambda examples, step: mismatched_partners(examples, pool, seed=seed, step=step)
+
+
+def no_step_hook(algo, hparams, *, pool: list, seed: int):
+    return None
+
+
 def one_update(algo, hparams, micro_batches_per_rank: int | None = None) -> int:
     return 1
 
@@ -206,9 +332,13 @@ OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "token_pairwise": 
 #: Family -> how a step's examples become optimizer updates: ``fn(...) -> ([[micro-batch, ...], ...], stats)``, one
 #: inner list per update, each micro-batch carrying ``examples`` (its share of the update's example count). Offline:
 #: one update per batch of examples; online: the rollout phase, then ``num_iterations`` x ``num_minibatches`` updates.
-PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": offline_batches,
+PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": unpaired_batches,
              "online": prepare_online}
 #: Family -> ``fn(algo, hparams, micro-batches per rank and step) -> optimizer updates per batch of examples`` (the
 #: loop's schedule needs it upfront; the online one refuses minibatches the step's micro-batches cannot fill).
 UPDATES_PER_STEP = {"supervised": one_update, "pairwise": one_update, "unpaired": one_update,
                     "online": updates_per_step}
+#: Family -> ``fn(algo, hparams, *, pool, seed) -> annotate | None``: ``annotate(step's examples, step) -> examples``
+#: runs on each optimizer step's examples before the loop splits them into micro-batches and ranks (``step_batches``),
+#: for what must be decided on the whole step (KTO's mismatched partners).
+STEP_HOOKS = {"supervised": no_step_hook, "pairwise": no_step_hook, "unpaired": kto_partners, "online": no_step_hook}

@@ -9,6 +9,10 @@ desirable / chosen); ``kl_anchor`` KTO's detached reference point z0 (compute it
 mismatched prompt/completion pairs; losses that do not use it accept None); ``lengths`` the completion lengths
 (no current loss needs them). Returns one loss per example; TRL's loss is its mean.
 
+The training loop computes z0 once per optimizer step, over the step's mismatched pairs on all micro-batches and
+ranks (posttrain.algorithms.objectives ``unpaired_batches``; partners from posttrain.data.collate
+``mismatched_partners``), and passes that one value to every micro-batch.
+
 ``UNPAIRED_LOSSES[name]`` is a :class:`LossSpec` with the same attributes as ``PAIRWISE_LOSSES``; ``needs_kl_anchor``
 says whether the caller has to run the mismatched forward passes at all.
 """
@@ -37,10 +41,14 @@ class Unpaired:
 
 def kto_kl_anchor(policy_mismatched_logps: Tensor, ref_mismatched_logps: Tensor) -> Tensor:
     """KTO's reference point ``z0 = max(0, mean(S_theta(y'|x) - S_ref(y'|x)))`` over MISMATCHED pairs (prompt x_i
-    with another example's completion, e.g. rotated by one inside the per-device batch), detached, as a 0-d tensor.
+    with the completion of an example of another prompt), detached, as a 0-d tensor. The clamp comes after the
+    average.
 
-    Pure: averaging across processes (TRL gathers the mean before clamping) is the caller's job -- gather the
-    per-process means, average, then clamp at 0 (or call this on the gathered log-probs).
+    Pure: averaging over micro-batches and processes is the caller's job -- average first, then clamp (call this on
+    all the pairs' log-probs, or on their mean). The training loop averages over the whole optimizer step: the sum
+    and count of the step's differences, all-reduced over the ranks (objectives ``unpaired_batches``). TRL instead
+    rotates completions by one inside each per-device batch and averages the per-device means of one micro-batch
+    (``gather_for_metrics(kl).mean().clamp(min=0)``), so its z0 changes with the accumulation split.
     """
     diff = as_float(policy_mismatched_logps).detach() - as_float(ref_mismatched_logps).detach()
     return diff.mean().clamp(min=0.0)
@@ -74,7 +82,9 @@ def bco(x: Unpaired, *, beta: float = 0.1, delta: float | Tensor | None = None) 
     ``-logsigmoid(-(beta r - delta))``. The paper's delta is a running mean of all implicit rewards (detached, updated
     each step). The function stays pure: with ``delta`` None the batch's own mean implicit reward stands in (what
     TRL's first step uses); the training loop passes its running mean (the spec's ``running``: the cumulative mean of
-    the step means, TRL's ``RunningMoments``, kept and checkpointed in the loop's memory); a number fixes delta.
+    the step means, TRL's ``RunningMoments``, kept and checkpointed in the loop's memory), and at the first step,
+    before that mean exists, the mean over the whole step (all micro-batches and ranks, from a no-grad pass); a
+    number fixes delta.
     TRL's optional UDM (a prompt-embedding classifier whose density ratios re-weight the undesirable examples; off
     unless TRL is given an embedding function) is not included."""
     reward = beta * x.logratio
