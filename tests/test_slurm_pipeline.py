@@ -7,6 +7,7 @@ requeued by submitit and resumes from its checkpoint.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -61,24 +62,35 @@ def test_six_tiny_cells_run_through_slurm_to_completed_results(tmp_path):
     assert "Submitted 0 cell(s)" in proc.stdout + proc.stderr
 
 
-def test_preempted_real_run_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
-    args = ["algo=sft", "logger=none", "data.num_prompts=64", "trainer.epochs=50", "trainer.max_steps=300", "trainer.micro_batch_size=2",
-            "trainer.checkpoint_every=5", "eval.limit=10"]
+def _progress(sweep: Path, total: int) -> int:
+    """The highest training step the job's progress bar shows in its submitit log (0 before training starts)."""
+    steps = [0]
+    for log in sweep.glob(".submitit/*/*_log.err"):
+        steps += [int(m) for m in re.findall(rf"(\d+)/{total} \[", log.read_text(errors="replace"))]
+    return max(steps)
+
+
+def test_preempted_real_run_checkpoints_at_the_signal_and_resumes_from_that_step(tmp_path):
+    """No step-count checkpoints and a 30-minute interval: the only checkpoint before the requeue is the one the
+    signal triggers, in the middle of the first epoch (micro-batch 1: an epoch of the default data is longer than
+    the 200-step run)."""
+    args = ["algo=sft", "logger=none", "trainer.max_steps=200", "trainer.micro_batch_size=1",
+            "trainer.checkpoint_every=0", "trainer.checkpoint_minutes=30", "eval.limit=10"]
     _launch(tmp_path, *args)
     sweep = tmp_path / "outputs/grid"
     [cell] = read_manifest(sweep)["cells"]
-    ckpt = Path(cell["run_dir"]) / "checkpoint" / "checkpoint.pt"
     deadline = time.monotonic() + 600
-    while not ckpt.exists():
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(1)
+    while _progress(sweep, 200) < 5:
+        assert time.monotonic() < deadline, "training did not reach step 5"
+        time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR2", cell["job_id"]], check=True, timeout=60)
     waited = _wait(sweep)
     assert waited.returncode == 0, waited.stdout + waited.stderr
     result = read_json(Path(cell["run_dir"]) / "result.json")
-    assert result["status"] == "completed" and result["train"]["steps"] == 300
-    assert result["train"]["resumed_from"] is not None and result["train"]["resumed_from"] >= 5
-    assert [s for s, _ in result["train"]["loss_curve"]] == list(range(1, 301)), "one continuous loss curve"
+    assert result["status"] == "completed" and result["train"]["steps"] == 200
+    assert result["train"]["dataset_size"] > 200, "the signal came mid-epoch"
+    assert 5 <= result["train"]["resumed_from"] < 200, "resumed from the step the signal came in, not from zero"
+    assert [s for s, _ in result["train"]["loss_curve"]] == list(range(1, 201)), "one continuous loss curve"
     sacct = subprocess.run(["sacct", "-n", "-X", "-j", cell["job_id"].split("_")[0], "-o", "State", "-D"],
                            text=True, capture_output=True).stdout
     assert "REQUEUED" in sacct or "PREEMPTED" in sacct, sacct

@@ -205,11 +205,28 @@ def test_dry_run_seed_override_and_plain_grid_format(tmp_path):
     assert cell == "dpo/0.5b/lora-off/seed-0"
     assert [o for o in overrides.split() if not o.startswith("output_root=")] == \
         ["algo=dpo", "scale=0.5b", "seed=0", "dry_run=True"]
+    # the study's design from the mission's command: the scale picks LoRA (7b: on), an explicit lora= wins
+    by_scale = {}
+    for line in grid[:-1]:
+        algo, scale, lora, _ = line.split("  ")[0].split("/")
+        by_scale.setdefault(scale, set()).add(lora)
+    assert by_scale == {"0.5b": {"lora-off"}, "1.5b": {"lora-off"}, "7b": {"lora-on"}}
+    off, _ = dry(tmp_path, "algo=dpo", "scale=7b", "lora=off")
+    assert off[0].startswith("dpo/7b/lora-off/seed-0")
+
+
+def test_the_scale_picks_the_lora_default_and_lora_wins():
+    assert _compose(["scale=7b"], hydra=False).lora.enabled is True
+    assert _compose(["scale=7b", "lora=off"], hydra=False).lora.enabled is False
+    assert _compose(["scale=0.5b"], hydra=False).lora.enabled is False
+    assert _compose(["scale=0.5b", "lora=on"], hydra=False).lora == _compose(["scale=7b"], hydra=False).lora
+    assert _compose([], hydra=False).lora.enabled is False, "the embedded default stays full fine-tuning"
 
 
 @pytest.mark.parametrize("args", [
     ["sweep=smoke", "trainer.lr=2e-6"],
     ["algo=dpo,simpo", "scale=tiny-s,tiny-m", "seed=0-1", "trainer.max_steps=2", "lora.enabled=true"],
+    ["algo=dpo", "scale=0.5b,7b", "seed=0-1"],
 ])
 def test_fast_dry_run_prints_what_hydra_prints(tmp_path, args):
     fast, _ = dry(tmp_path, *args)

@@ -127,17 +127,21 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def base_scores(loaded, cfg: DictConfig) -> dict:
-    """lm-eval scores of the untrained base, cached per (base, eval settings)."""
+def base_scores(loaded, cfg: DictConfig, precision) -> dict:
+    """lm-eval scores of the untrained base, cached per (base, eval settings, compute precision)."""
     from posttrain.cache import cached_json
     from posttrain.evaluate.harness import evaluate, lm_eval_version
 
     settings = OmegaConf.to_container(cfg.eval, resolve=True)
     settings.pop("profiles", None)
     settings.pop("batch_size", None)
-    key = stable_hash({"model": loaded.model_id, "tokenizer": loaded.tokenizer_id, "eval": settings,
-                       "lm_eval": lm_eval_version(), "seed": EVAL_SEED})
-    return cached_json("base_scores", key, lambda: evaluate(loaded.model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED))
+    fields = {"model": loaded.model_id, "tokenizer": loaded.tokenizer_id, "eval": settings,
+              "lm_eval": lm_eval_version(), "seed": EVAL_SEED}
+    if precision.bf16:  # fp32 keys stay as they were, so existing base-score caches still hit
+        fields["precision"] = precision.name
+    return cached_json("base_scores", stable_hash(fields), lambda: evaluate(
+        loaded.model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED, mirror=cfg.get("mirror"),
+        autocast_dtype=precision.autocast_dtype))
 
 
 def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: dict) -> None:
@@ -145,26 +149,44 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     import numpy as np
     import torch
 
-    from posttrain.data.selfplay import load_records, make_examples, selfplay_samples, training_problems
+    from posttrain.data.selfplay import (check_lengths, load_records, low_yield_line, make_examples, prompt_format,
+                                         selfplay_report, selfplay_samples, stop_strings, training_prompts)
     from posttrain.evaluate.harness import evaluate
     from posttrain.models.distributed import is_main_process
     from posttrain.models.engine import deepspeed_enabled, gathered
     from posttrain.models.loading import Reference, add_lora, load_policy, save_model
+    from posttrain.models.precision import PURE_BF16_COST, Precision
     from posttrain.train import train
 
     quiet_libraries()
     seed = int(cfg.seed)
     main = is_main_process()
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    precision = Precision.from_config(cfg.trainer.precision, deepspeed=deepspeed_enabled(cfg.deepspeed))
+    if precision.name == "bf16-pure" and main:
+        print(PURE_BF16_COST, flush=True)
+    mirror = cfg.get("mirror")
     loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code),
-                         device=device)
+                         device=device, dtype=precision.load_dtype(lora=bool(cfg.lora.enabled)), mirror=mirror)
     if cfg.eval.base_scores and main:
-        result["eval"]["base_metrics"] = base_scores(loaded, cfg)
+        result["eval"]["base_metrics"] = base_scores(loaded, cfg, precision)
+    prompts = training_prompts(cfg.data)  # data.prompt_format: the one source of prompts, self-play and online
+    longest = check_lengths(loaded.tokenizer, [p.prompt for p in prompts], int(cfg.data.max_length),
+                            int(cfg.data.max_new_tokens))  # before any sampling: a prompt that cannot fit stops here
     if algo.data == "prompts":  # online methods sample for themselves: no self-play generation needed
-        records = [{"prompt": p.prompt, "answer": p.answer} for p in training_problems(cfg.data)]
+        records = [{"prompt": p.prompt, "answer": p.answer} for p in prompts]
+        result["data"] = {"prompts": len(records), "prompt_format": prompt_format(cfg.data)}
     else:
-        records = load_records(selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data))
-    examples = make_examples(records, algo.data, seed=int(cfg.data.seed), sft_source=str(cfg.data.sft_source))
+        with precision.autocast(device):  # sampled as the run computes: bf16 for bf16-mixed
+            samples = selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data)
+        records = load_records(samples)
+        result["data"] = selfplay_report(samples)  # the yield manifest: pairs, strict/flexible accuracy, sampling
+        warning = low_yield_line(result["data"], float(cfg.data.min_pair_yield))
+        if warning and main:
+            print(warning, flush=True)
+    result["data"]["longest_prompt_tokens"] = longest
+    examples = make_examples(records, algo.data, seed=int(cfg.data.seed), sft_source=str(cfg.data.sft_source),
+                             stop_strings=stop_strings(cfg.data))
 
     random.seed(seed)
     np.random.seed(seed)
@@ -181,14 +203,18 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
         "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
         "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
         "reward_curve": state.reward_curve, "reference_forwards": reference.calls, "dataset_size": len(examples),
-        "resumed_from": state.resumed_from}
+        "resumed_from": state.resumed_from, "precision": precision.record(policy)}
     with gathered(policy) as bare:  # ZeRO-3: every rank gathers the weights; rank 0 alone saves and evaluates
         if not main:
             return
         if cfg.get("save_model"):
             save_model(bare, loaded.tokenizer, cell_dir / "model")
-        eval_model = bare.merge_and_unload() if cfg.lora.enabled else bare
-        result["metrics"] = evaluate(eval_model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED)
+        # LoRA is evaluated unmerged, exactly as it trained (base + adapter path under the same precision): merging
+        # a small update into bf16 base weights rounds most of it away (measured: 32% of it survived).
+        generation: dict = {}
+        result["metrics"] = evaluate(bare, loaded.tokenizer, cfg.eval, seed=EVAL_SEED, mirror=mirror,
+                                     generation=generation, autocast_dtype=precision.autocast_dtype)
+        result["eval"]["generation"] = generation  # the generation kwargs each task ran with
     tracker.log({f"eval/{task}/{metric}": value for task, metrics in result["metrics"].items()
                  for metric, value in metrics.items()}, state.step)
 

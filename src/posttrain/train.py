@@ -30,10 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.algorithms.memory import LoopMemory
-from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, UPDATES_PER_STEP, StepContext, prime_memory
+from posttrain.algorithms.objectives import (OBJECTIVES, PREPARERS, STEP_HOOKS, UPDATES_PER_STEP, StepContext,
+                                             prime_memory)
 from posttrain.algorithms.reference_sync import ReferenceSync, ReferenceWeights, split_loop_options, sync_reference
 from posttrain.models.distributed import world_size
 from posttrain.models.engine import gathered, make_engine
+from posttrain.preemption import Preemption
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -65,9 +67,10 @@ def plan(n_examples: int, trainer, updates_per_batch: int = 1) -> tuple[int, int
 
 
 def step_batches(examples: list, trainer, seed: int, start_batch: int, total_batches: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[list[list]]:
+                 world_size: int = 1, annotate: Callable[[list, int], list] | None = None) -> Iterator[list[list]]:
     """The micro-batches of each batch of examples (``micro_batch_size * grad_accum``: one optimizer step's worth,
-    or one rollout's) from ``start_batch`` to ``total_batches``: a seeded permutation per epoch.
+    or one rollout's) from ``start_batch`` to ``total_batches``: a seeded permutation per epoch. ``annotate(examples,
+    batch index)`` (the family's ``STEP_HOOKS`` entry) sees each whole batch before it is split.
 
     With ``world_size`` ranks, each rank takes its share of every step's micro-batches (``trainer.grad_accum`` counts
     the micro-batches of a step over all ranks, so the effective batch does not depend on the number of GPUs).
@@ -82,6 +85,8 @@ def step_batches(examples: list, trainer, seed: int, start_batch: int, total_bat
         epoch, within = divmod(step, steps_per_epoch)
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         chunk = [examples[i] for i in order[within * per_step:(within + 1) * per_step].tolist()]
+        if annotate is not None:
+            chunk = annotate(chunk, step)
         if world_size == 1:
             yield [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
         else:
@@ -157,7 +162,8 @@ def optimizer_update(engine, model, reference, objective, algo, hparams, update:
 
     Losses arrive already divided by the update's example / completion-token count over all ranks (``StepContext``),
     so the step does not depend on how it is split into micro-batches or ranks (except that, on the very first step,
-    beta-DPO / BCO fall back to each micro-batch's own mean before their running mean exists). An update without a
+    beta-DPO falls back to each micro-batch's own mean before its running mean exists; the unpaired family's
+    preparer gives BCO the whole step's mean). An update without a
     micro-batch on any rank advances the schedule only (``engine.skip_step``).
     """
     update = [_to(b, engine.device) for b in update]
@@ -189,8 +195,23 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
           progress: bool = True, deepspeed=None, fingerprint: str | None = None) -> TrainState:
     """Post-train ``policy`` in place with ``algo`` on ``examples``; returns the training record.
 
+    Checkpoints (with ``checkpoint_dir``) come every ``trainer.checkpoint_every`` steps, at every epoch end, every
+    ``trainer.checkpoint_minutes`` of wall time, and at the step a requeue signal arrives in (posttrain/preemption.py).
     ``fingerprint`` (the cell's config hash) is stored in each checkpoint; a checkpoint with another one (the config
     changed since it was written) is not resumed from: the run starts over."""
+    if checkpoint_dir is None:
+        return _train(policy, reference, tokenizer, algo, hparams, examples, trainer, max_length=max_length,
+                      seed=seed, log=log, checkpoint_dir=None, progress=progress, deepspeed=deepspeed,
+                      fingerprint=fingerprint, preempt=None)
+    with Preemption(trainer.get("checkpoint_minutes", 30)) as preempt:
+        return _train(policy, reference, tokenizer, algo, hparams, examples, trainer, max_length=max_length,
+                      seed=seed, log=log, checkpoint_dir=checkpoint_dir, progress=progress, deepspeed=deepspeed,
+                      fingerprint=fingerprint, preempt=preempt)
+
+
+def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, trainer, *, max_length: int, seed: int,
+           log, checkpoint_dir: Path | None, progress: bool, deepspeed, fingerprint: str | None,
+           preempt: Preemption | None) -> TrainState:
     loop_options, hparams = split_loop_options(algo, hparams)
     sync = ReferenceSync.from_options(loop_options, reference, algo.name)
     objective = OBJECTIVES[algo.loop_objective]
@@ -214,8 +235,9 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
     policy.train()
     bar = tqdm(total=total, initial=state.step, desc=f"training {algo.name}", unit="step",
                disable=not progress or engine.rank != 0)
+    annotate = STEP_HOOKS[algo.family](algo, hparams, pool=examples, seed=seed)
     for micro_batches in step_batches(examples, trainer, seed, state.batches, total_batches, engine.rank,
-                                      engine.world_size):
+                                      engine.world_size, annotate):
         started, step_before = time.perf_counter(), state.step
         with engine.autocast():
             updates, rollout_stats = prepare(model, reference, tokenizer, algo, hparams, micro_batches,
@@ -246,7 +268,12 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
             with gathered(model) as bare:  # ZeRO-3: every rank gathers, every rank moves its reference copy
                 sync_reference(reference, bare, sync.alpha)
         due = (every and state.step // every > step_before // every) or state.batches % batches_per_epoch == 0
-        if ckpt_path is not None and due and state.step < total:
+        timed, stop = preempt.due(engine.all_reduce_max) if preempt is not None else (False, False)
+        if ckpt_path is not None and ((due or timed) and state.step < total or stop):
             _save_checkpoint(ckpt_path, engine, state, memory, fingerprint)
+            preempt.saved()
+        if stop:  # the requeue signal came during this step: checkpointed, now requeue (submitit) / exit
+            bar.close()
+            preempt.hand_over()
     bar.close()
     return state

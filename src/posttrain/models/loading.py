@@ -30,8 +30,11 @@ class Loaded:
     tokenizer_id: str
 
 
-def resolve_model_paths(scale) -> tuple[str, str]:
-    """``(model, tokenizer)`` locations for a scale config (building the embedded base when needed)."""
+def resolve_model_paths(scale, mirror: str | None = None) -> tuple[str, str]:
+    """``(model, tokenizer)`` locations for a scale config (building the embedded base when needed): a hub id is
+    read from the mirror when the mirror holds it (posttrain.mirror); offline and absent, one line says what to do."""
+    from posttrain.mirror import hub_offline, is_local_path, model_location, model_missing
+
     model = scale.get("model")
     tokenizer = scale.get("tokenizer")
     if model is None:
@@ -41,7 +44,24 @@ def resolve_model_paths(scale) -> tuple[str, str]:
 
         model_dir, tok_dir = ensure_tiny_base(dict(scale.build))
         model, tokenizer = str(model_dir), tokenizer or str(tok_dir)
-    return str(model), str(tokenizer or model)
+    located = []
+    for location in (str(model), str(tokenizer or model)):
+        found = model_location(location, mirror)
+        if found == location and not is_local_path(location) and hub_offline() and not _in_hf_cache(location):
+            raise ModelLoadError(model_missing(location, mirror))
+        located.append(found)
+    return located[0], located[1]
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    """The id is in the local HF hub cache (what an offline hub can still load)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str) or \
+            isinstance(try_to_load_from_cache(model_id, "tokenizer_config.json"), str)
+    except Exception:  # noqa: BLE001 - an unusual id or cache layout: let from_pretrained decide
+        return True
 
 
 def load_tokenizer(location: str, *, trust_remote_code: bool = False):
@@ -61,6 +81,10 @@ def load_tokenizer(location: str, *, trust_remote_code: bool = False):
             f"the tokenizer at {location!r} ({type(tok).__name__}) does not round-trip text: {PROBE!r} came back "
             f"as {back!r}. Point scale.tokenizer at the directory that holds the model's own tokenizer files "
             "(a character tokenizer saved beside a Qwen2 model reloads as Qwen2Tokenizer).")
+    if tok.eos_token_id is None:
+        raise ModelLoadError(
+            f"the tokenizer at {location!r} has no EOS token: completions could not end. Use the model's own tokenizer "
+            "(scale.tokenizer), or set eos_token in its tokenizer_config.json (Qwen2.5-Instruct: <|im_end|>)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -68,12 +92,12 @@ def load_tokenizer(location: str, *, trust_remote_code: bool = False):
 
 
 def load_policy(scale, lora, *, trust_remote_code: bool = False, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Loaded:
+                dtype: torch.dtype = torch.float32, mirror: str | None = None) -> Loaded:
     """Tokenizer and model of a scale; ``dtype`` is what the weights are held in (``Precision.load_dtype``: float32
     master weights for bf16-mixed, whatever the checkpoint's own dtype on disk)."""
     from transformers import AutoModelForCausalLM
 
-    model_loc, tok_loc = resolve_model_paths(scale)
+    model_loc, tok_loc = resolve_model_paths(scale, mirror)
     tokenizer = load_tokenizer(tok_loc, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_loc, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -13,10 +13,10 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 #: Top-level keys that cannot change a run's result: left out of the config hash and of the variant.
-NON_RESULT_KEYS = ("logger", "dry_run", "sweep_name", "output_root", "keep_checkpoints", "hydra", "sweep")
+NON_RESULT_KEYS = ("logger", "dry_run", "sweep_name", "output_root", "keep_checkpoints", "hydra", "sweep", "mirror")
 #: Keys inside groups that cannot change the result either.
-NON_RESULT_SUBKEYS = ("trainer.checkpoint_every", "trainer.log_every", "trainer.threads", "eval.batch_size",
-                      "data.generation_batch_size")
+NON_RESULT_SUBKEYS = ("trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.log_every", "trainer.threads",
+                      "eval.batch_size", "data.generation_batch_size", "data.min_pair_yield", "data.mirror")
 #: Override keys that already name the cell's path (not repeated in the variant).
 PATH_KEYS = ("algo", "scale", "lora", "seed")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,@+-]")

@@ -329,8 +329,12 @@ def _group_field(conf_dir: str, group: str, option: str) -> tuple[Any, bool]:
     if not path.is_file():
         return (option if PATH_GROUPS[group] == "name" else None), False
     raw = yaml.safe_load(path.read_text()) or {}
-    if "defaults" in raw:
-        raise NotFast(f"{group}/{option}.yaml has a defaults list")
+    if "defaults" in raw:  # an alias of one other option of the group (lora/scale_7b.yaml: defaults: ["on"])
+        entries = raw["defaults"]
+        if set(raw) != {"defaults"} or not isinstance(entries, list) or len(entries) != 1 \
+                or not isinstance(entries[0], str):
+            raise NotFast(f"{group}/{option}.yaml has a defaults list")
+        return _group_field(conf_dir, group, entries[0])
     value = raw.get(PATH_GROUPS[group])
     if PATH_GROUPS[group] == "name":
         if value is None:
@@ -381,6 +385,7 @@ def cell_dir(overrides: Sequence[str], conf_dir: str | Path | None = None) -> st
             fields[root] = _scalar(value)
     algo = fields.get("algo") or _group_field(conf, "algo", choice["algo"])[0]
     scale = fields.get("scale") or _group_field(conf, "scale", choice["scale"])[0]
+    choice["lora"] = _per_scale(choice["lora"], choice["scale"])
     if "lora" in fields:
         lora = _bool(fields["lora"])
     else:
@@ -394,6 +399,11 @@ def cell_dir(overrides: Sequence[str], conf_dir: str | Path | None = None) -> st
     return cell_path(variant(str(algo), list(overrides)), str(scale), bool(lora), seed)
 
 
+def _per_scale(option: str, scale_choice: str) -> str:
+    """A default that the scale picks (``lora: scale_${scale}`` in conf/config.yaml) for the scale chosen."""
+    return option.replace("${scale}", scale_choice)
+
+
 def missing_options(cells: Iterable[Cell], conf_dir: str | Path | None = None) -> dict[str, int]:
     """``{"algo=sgrpo": n_cells}`` for group options (algo/scale/lora) whose conf file does not exist."""
     conf = str(Path(conf_dir) if conf_dir is not None else default_conf_dir())
@@ -405,6 +415,7 @@ def missing_options(cells: Iterable[Cell], conf_dir: str | Path | None = None) -
             key, _, value = line.partition("=")
             if key in PATH_GROUPS:
                 choice[key] = value
+        choice["lora"] = _per_scale(choice["lora"], choice["scale"])
         for group, option in choice.items():
             if not (Path(conf) / group / f"{option}.yaml").is_file():
                 counts[f"{group}={option}"] = counts.get(f"{group}={option}", 0) + 1
