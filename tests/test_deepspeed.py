@@ -413,7 +413,7 @@ def test_deepspeed_config_comes_from_the_trainer_config(name):
     assert cpu["gradient_clipping"] == 0.5
     assert cpu["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
                                                              "weight_decay": 0.01, "torch_adam": True}}
-    assert cpu["bf16"] == {"enabled": False}, "fp32 on CPU"
+    assert cpu["bf16"] == {"enabled": True}, "bf16-mixed is DeepSpeed's bf16 mode, on CPU as on GPU"
     assert cpu["zero_optimization"]["stage"] == ds.stage
     offload = "offload" in name
     assert cpu.get("zero_force_ds_cpu_optimizer", True) is not offload

@@ -87,8 +87,9 @@ def test_precision_is_checked_with_one_line():
         Precision.from_config("bf16")
     with pytest.raises(PrecisionError, match="DeepSpeed's bf16 always keeps float32 master weights"):
         Precision.from_config("bf16-pure", deepspeed=True)
-    assert Precision.from_config("bf16-mixed", deepspeed=True, cuda=True).deepspeed_bf16
-    assert not Precision.from_config("bf16-mixed", deepspeed=True, cuda=False).deepspeed_bf16
+    assert Precision.from_config("bf16-mixed", deepspeed=True).deepspeed_bf16, "DeepSpeed mixes, on CPU as on GPU"
+    assert not Precision.from_config("bf16-mixed").deepspeed_bf16
+    assert Precision.from_config("bf16-mixed", deepspeed=True).load_dtype() == torch.bfloat16
     assert Precision.from_config("bf16-mixed").load_dtype() == torch.float32
     assert Precision.from_config("bf16-mixed").load_dtype(lora=True) == torch.bfloat16
 

@@ -9,7 +9,7 @@ split and the logs):
   trainer config so that both engines optimise the same thing: AdamW with the trainer's betas/eps/weight decay
   (decay on matrices only, as TorchEngine), the same warmup+cosine ``LambdaLR`` (built by DeepSpeed on its own
   optimizer), gradient clipping at ``trainer.max_grad_norm``; ``trainer.precision=bf16-mixed`` is DeepSpeed's bf16
-  mode (float32 master weights and states) on a GPU, float32 weights under autocast on a CPU (models/precision.py).
+  mode (bf16 module, float32 master weights and states), on GPU and CPU ranks alike (models/precision.py).
 
 Both engines expose ``autocast()``: the context every forward of the loop runs in (bf16 autocast over float32
 master weights for ``bf16-mixed`` on the plain engine; nothing otherwise).

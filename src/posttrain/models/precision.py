@@ -4,11 +4,11 @@ compute and what the optimizer updates (recorded in result.json under ``train.pr
 - ``fp32``: weights, compute and AdamW states in float32 (the tiny embedded scales).
 - ``bf16-mixed`` (the real scales' default): bf16 compute with float32 master weights and float32 AdamW states.
   On the plain engine the weights live in float32 and forwards (training, reference, sampling, evaluation) run under
-  ``torch.autocast(bfloat16)``; a bf16 checkpoint on disk (every Qwen2.5 release) upcasts exactly. Under DeepSpeed on
-  a GPU it is DeepSpeed's own bf16 mode (bf16 module, float32 master copy and optimizer states inside its optimizer),
-  on a CPU the plain float32 weights under autocast. With LoRA the frozen base stays in bf16 (loaded as stored; it is
-  never updated) and peft keeps the adapters in float32 (its ``autocast_adapter_dtype``): only trainable weights
-  need a master copy.
+  ``torch.autocast(bfloat16)``; a bf16 checkpoint on disk (every Qwen2.5 release) upcasts exactly. Under DeepSpeed it
+  is DeepSpeed's own bf16 mode (bf16 module, float32 master copy and optimizer states inside its optimizer), on a GPU
+  and on CPU ranks alike, so the CPU rehearsal runs the GPU's path. On the plain engine with LoRA the frozen base
+  stays in bf16 (loaded as stored; it is never updated) and peft keeps the adapters in float32 (its
+  ``autocast_adapter_dtype``): only trainable weights need a master copy.
 - ``bf16-pure``: bf16 weights updated by AdamW in place, no master copy. Only when asked for: at the study's learning
   rate 1e-6 most updates are below bf16's resolution and round away (measured on a Qwen2.5-0.5B-shaped q_proj:
   10 AdamW steps changed 1.96% of the entries in bf16 against 100% in float32), so a run "trains" without moving.
@@ -39,7 +39,7 @@ class PrecisionError(ValueError):
 @dataclass(frozen=True)
 class Precision:
     name: str
-    deepspeed_bf16: bool = False  # DeepSpeed's bf16 mode does the mixing (GPU + DeepSpeed)
+    deepspeed_bf16: bool = False  # DeepSpeed's bf16 mode does the mixing
 
     @classmethod
     def from_config(cls, name: str, *, deepspeed: bool = False, cuda: bool | None = None) -> "Precision":
@@ -54,7 +54,7 @@ class Precision:
         if name == "bf16-pure" and deepspeed:
             raise PrecisionError("trainer.precision=bf16-pure runs on the plain engine only (DeepSpeed's bf16 always "
                                  "keeps float32 master weights): use bf16-mixed, or deepspeed=none")
-        return cls(name, deepspeed_bf16=name == "bf16-mixed" and deepspeed and cuda)
+        return cls(name, deepspeed_bf16=name == "bf16-mixed" and deepspeed)
 
     @property
     def bf16(self) -> bool:
