@@ -72,3 +72,34 @@ def cut_at(step: int):
         if at == step:
             raise Preempted
     return log
+
+
+def spawn_ranks(script: str, out: Path, world_size: int, timeout: float) -> None:
+    """Run ``python SCRIPT OUT`` as ``world_size`` ranks (the torch.distributed variables set as torchrun would, one
+    torch thread each), logs in ``OUT/rank<r>.log``; a rank that fails or hangs fails the test with its log's tail."""
+    from posttrain.models.distributed import free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")}
+    base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if world_size > 1:
+        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size))
+    procs = []
+    for rank in range(world_size):
+        env = dict(base, **({"RANK": str(rank), "LOCAL_RANK": str(rank)} if world_size > 1 else {}))
+        log = open(out / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, script, str(out)], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=ROOT), log))
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()  # a hang: kill what this test started
+            log.close()
+    for rank, (proc, _) in enumerate(procs):
+        if proc.returncode != 0:
+            tail = (out / f"rank{rank}.log").read_text()[-4000:]
+            raise AssertionError(f"rank {rank} of {world_size} exited {proc.returncode}:\n{tail}")

@@ -13,13 +13,14 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+
+from conftest import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "deepspeed"
@@ -234,32 +235,7 @@ def worker(out: Path) -> None:
 # ------------------------------------------------------------------------------------------------- the tests
 
 def _spawn(out: Path, world_size: int) -> list[dict]:
-    from posttrain.models.distributed import free_port
-
-    out.mkdir(parents=True, exist_ok=True)
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")}
-    base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if world_size > 1:
-        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size))
-    procs = []
-    for rank in range(world_size):
-        env = dict(base, **({"RANK": str(rank), "LOCAL_RANK": str(rank)} if world_size > 1 else {}))
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(out)], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=ROOT), log))
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=WORKER_TIMEOUT)
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()  # a hang: kill what this test started
-            log.close()
-    for rank, (proc, _) in enumerate(procs):
-        if proc.returncode != 0:
-            tail = (out / f"rank{rank}.log").read_text()[-4000:]
-            raise AssertionError(f"rank {rank} of {world_size} exited {proc.returncode}:\n{tail}")
+    spawn_ranks(__file__, out, world_size, WORKER_TIMEOUT)
     return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": torch.load(out / f"rank{r}.pt")}
             for r in range(world_size)]
 

@@ -9,8 +9,6 @@ as tests/test_deepspeed.py does), DeepSpeed on CPU with gloo.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,7 +19,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's helpers, also in the worker processes
 
-from conftest import Preempted, cut_at, random_qwen2  # noqa: E402
+from conftest import Preempted, cut_at, random_qwen2, spawn_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT = 600
@@ -147,30 +145,7 @@ WORKER_RUNS = {
 
 
 def _spawn(out: Path, world_size: int) -> list[dict]:
-    from posttrain.models.distributed import free_port
-
-    out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(world_size))
-    procs = []
-    for rank in range(world_size):
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(out)], stdout=log, stderr=subprocess.STDOUT,
-                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=ROOT), log))
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=WORKER_TIMEOUT)
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()  # a hang: kill what this test started
-            log.close()
-    for rank, (proc, _) in enumerate(procs):
-        if proc.returncode != 0:
-            raise AssertionError(f"rank {rank} exited {proc.returncode}:\n"
-                                 f"{(out / f'rank{rank}.log').read_text()[-4000:]}")
+    spawn_ranks(__file__, out, world_size, WORKER_TIMEOUT)
     return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": torch.load(out / f"rank{r}.pt")}
             for r in range(world_size)]
 
