@@ -8,7 +8,7 @@
 #   scripts/local_slurm.sh status   prints whether it is up; exit 0 when up, 1 when down
 #
 # Needs root (it installs Debian packages and runs the daemons as root: SlurmUser=root). The settings are the
-# ones shared/ENVIRONMENT.md ("A real Slurm on one machine") found necessary; each is commented below.
+# ones a single-node cluster on localhost was found to need; each is commented below.
 # Environment knobs: LOCAL_SLURM_PARTITION (default "debug"), LOCAL_SLURM_TIMEOUT (seconds to wait, default 60).
 set -euo pipefail
 

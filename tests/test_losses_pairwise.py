@@ -1,4 +1,4 @@
-"""Pairwise (DPO-family) losses and the options that combine with them (ALGORITHMS.md section 2).
+"""Pairwise (DPO-family) losses and the options that combine with them (docs/algorithms.md section 2).
 
 For every name: (1) a hand-checkable value written out with ``math`` from the formula, (2) a random batch against
 an independent in-test implementation, (3) finite values and gradients at margins of +-1e4 and at zero. Plus the

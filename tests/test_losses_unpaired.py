@@ -1,4 +1,4 @@
-"""Unpaired (KTO-family) losses (ALGORITHMS.md section 3): hand values, random batches against an independent
+"""Unpaired (KTO-family) losses (docs/algorithms.md section 3): hand values, random batches against an independent
 in-test implementation, the KL anchor helper, extremes, metadata and errors."""
 
 from __future__ import annotations

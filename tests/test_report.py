@@ -1,4 +1,4 @@
-"""posttrain.report: the CLI end to end on synthetic result.json trees (shared/DESIGN.md's schema).
+"""posttrain.report: the CLI end to end on synthetic result.json trees (docs/design.md's schema).
 
 The golden test compares report.md on the checked-in tree tests/data/report_golden/tree with
 tests/data/report_golden/report.md. After a deliberate change to the report, regenerate it with
@@ -39,7 +39,7 @@ GSM = "synth_gsm8k/exact_match,strict-match"
 
 def make_result(algo, scale, seed, *, lora=False, variant=None, status="completed", metrics=None,
                 loss_curve=None, reward_curve=None, error=None, config_extra=None, config_hash=None) -> dict:
-    """A valid result.json payload (DESIGN.md "Contracts"): every required key, metrics {task: {metric: v}}."""
+    """A valid result.json payload (docs/design.md "Contracts"): every required key, metrics {task: {metric: v}}."""
     config = {"algo": {"name": algo, "beta": 0.1}, "scale": {"name": scale}, "seed": seed,
               "lora": {"enabled": bool(lora)}, **(config_extra or {})}
     digest = config_hash or hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,6 +1,6 @@
 """posttrain: controlled sweeps of LLM post-training algorithms on identical infrastructure.
 
-Layers (imports run one way, see shared/DESIGN.md): orchestration (run.py, sweep/) -> the loop (train.py)
+Layers (imports run one way, see docs/design.md): orchestration (run.py, sweep/) -> the loop (train.py)
 -> parts (algorithms/, rollout/, rewards/, models/, data/, evaluate/, results.py, stats.py) -> pure losses/.
 """
 

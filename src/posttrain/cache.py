@@ -1,4 +1,4 @@
-"""The cache root shared by runs: tiny bases, self-play data, base-model scores (shared/DESIGN.md).
+"""The cache root shared by runs: tiny bases, self-play data, base-model scores (docs/design.md).
 
 ``POSTTRAIN_CACHE`` (default ``~/.cache/posttrain``); on a cluster point it at a shared filesystem. Every entry is
 keyed by a hash of what determines it and built under a file lock, so concurrent jobs build it once and readers

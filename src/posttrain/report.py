@@ -1,7 +1,7 @@
 """``python -m posttrain.report DIR``: tables, statistics and plots over every result.json under DIR.
 
 Reads every result.json under DIR (:func:`posttrain.results.iter_results`, which skips ``seed-<n>.<hash>``
-archives), completed and failed, groups runs by (variant, scale, lora) as shared/DESIGN.md says (results
+archives), completed and failed, groups runs by (variant, scale, lora) as docs/design.md says (results
 without ``variant`` use ``algo``), and writes into DIR:
 
 - ``summary.csv``      one row per result.json: algo, variant, scale, lora, seed, status, every metric
@@ -57,7 +57,7 @@ class UserError(Exception):
 
 
 def scale_key(scale: str) -> tuple:
-    """Order scales: the named ones in DESIGN.md's order, then others by parameter count, then by name."""
+    """Order scales: the named ones in docs/design.md's order, then others by parameter count, then by name."""
     if scale in KNOWN_SCALES:
         return (0, KNOWN_SCALES.index(scale), 0.0, scale)
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([mb])", str(scale).lower())

@@ -1,4 +1,4 @@
-"""result.json: the one contract between a run and everything that reads it (shared/DESIGN.md, "Contracts").
+"""result.json: the one contract between a run and everything that reads it (docs/design.md, "Contracts").
 
 Every cell directory holds a result.json, written atomically (temp file + rename) at the end of every run,
 completed or failed. Readers (report, sweep status) use :func:`iter_results`, which skips the archives
@@ -19,7 +19,7 @@ COMPLETED = "completed"
 FAILED = "failed"
 STATUSES = (COMPLETED, FAILED)
 
-#: Top-level keys every result.json has (DESIGN.md). Tests check a real run against this list.
+#: Top-level keys every result.json has (docs/design.md). Tests check a real run against this list.
 REQUIRED_KEYS = (
     "status", "algo", "variant", "scale", "seed", "lora", "config_hash", "config", "algo_meta",
     "metrics", "eval", "train", "provenance", "error",

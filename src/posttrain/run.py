@@ -1,4 +1,4 @@
-"""One run = one pipeline, the only place that knows the order (shared/DESIGN.md, "Layers"):
+"""One run = one pipeline, the only place that knows the order (docs/design.md, "Layers"):
 
 identity -> skip if done -> model -> data -> train -> evaluate -> result.json.
 

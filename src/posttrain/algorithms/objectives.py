@@ -4,7 +4,7 @@ Each objective is ``fn(policy, reference, batch, algo, hparams, ctx) -> (loss, s
 scaled for gradient accumulation: per-example losses are summed and divided by the example count of the whole
 accumulated step (``ctx.examples``), token losses by its token count (``ctx.tokens``), so the result does not
 depend on how a step is split into micro-batches. Log-probs are computed in float32 from the logits over the full
-vocabulary, prompt and padding masked (ALGORITHMS.md 0 and 6).
+vocabulary, prompt and padding masked (docs/algorithms.md 0 and 6).
 
 A statistic of the whole step (KTO's reference point z0; BCO's first-step delta) is computed before the step's
 first backward by the family's preparer (``PREPARERS``), from examples the family's ``STEP_HOOKS`` entry annotated

@@ -1,4 +1,4 @@
-"""The algorithm registry: an algorithm is data (shared/DESIGN.md, "An algorithm is data, not a trainer").
+"""The algorithm registry: an algorithm is data (docs/design.md, "An algorithm is data, not a trainer").
 
 An entry names its family (which objective of :mod:`posttrain.algorithms.objectives` the one training loop runs),
 its data kind, its loss (a name in the family's loss table in :mod:`posttrain.losses`) and the study's taxonomy
@@ -106,7 +106,7 @@ def _online(name: str, loss: str | None, data: str = "prompts", **options) -> Al
     return Algorithm(name, "online", loss, data, "online", options=options)
 
 
-#: Online methods (ALGORITHMS.md 4-5): the preparer samples from the current policy, scores, and builds batches;
+#: Online methods (docs/algorithms.md 4-5): the preparer samples from the current policy, scores, and builds batches;
 #: ``options`` carry what distinguishes them (see posttrain.algorithms.online for every key).
 ONLINE = (
     # the study's three (OXRL 5.6): group z-score advantages (eps 1e-8), 4 samples, kl_coef 0

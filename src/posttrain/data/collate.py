@@ -2,7 +2,7 @@
 
 Prompt and completion are tokenised apart and concatenated (the completion gets the EOS token), so the mask is
 exact whatever the tokenizer. Pairs put chosen and rejected in one batch of 2B rows (one forward, same padding;
-ALGORITHMS.md 6.3). Unpaired batches hold the examples' own rows only: KTO's mismatched rows (a prompt with another
+docs/algorithms.md 6.3). Unpaired batches hold the examples' own rows only: KTO's mismatched rows (a prompt with another
 example's completion, for its reference point z0) are chosen for the whole optimizer step by
 :func:`mismatched_partners` before the step is split into micro-batches and ranks, and run in the step's no-grad
 anchor pass (:func:`mismatched_rows`; posttrain.algorithms.objectives), never in the gradient forward.

@@ -1,4 +1,4 @@
-"""The embedded tasks: a laptop-scale replica of the study's three evaluation domains (shared/DESIGN.md).
+"""The embedded tasks: a laptop-scale replica of the study's three evaluation domains (docs/design.md).
 
 - ``gsm8k`` role: templated word problems of 2-3 arithmetic steps whose worked solution is one equation per line
   ending in ``#### N`` (GSM8K's answer format, so lm-eval's gsm8k filters and our rewards read it unchanged).

@@ -1,4 +1,4 @@
-"""The embedded scales' character-level tokenizer (one token per character; shared/ENVIRONMENT.md).
+"""The embedded scales' character-level tokenizer (one token per character).
 
 Built with the ``tokenizers`` library (WordLevel over single characters, a one-character Split pre-tokenizer,
 a Fuse decoder so decoding does not put spaces between characters) and saved in a directory of its own: a character

@@ -1,4 +1,4 @@
-"""Pure loss functions: tensors in, tensors out; no model, no loop (shared/DESIGN.md, "Loss functions").
+"""Pure loss functions: tensors in, tensors out; no model, no loop (docs/design.md, "Loss functions").
 
 - ``pairwise(name, policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, *, chosen_len=None,
   rejected_len=None, **hparams) -> Tensor[B]``: the DPO family on summed sequence log-probs.

@@ -1,8 +1,8 @@
-"""Shared, numerically stable pieces of the offline losses (ALGORITHMS.md section 0).
+"""Shared, numerically stable pieces of the offline losses (docs/algorithms.md section 0).
 
 Everything here is a pure tensor function.
 
-Numerical policy (DESIGN.md, "Loss functions"): every exponential a loss takes is evaluated on its argument
+Numerical policy (docs/design.md, "Loss functions"): every exponential a loss takes is evaluated on its argument
 clamped to ``[-EXP_CLAMP, EXP_CLAMP]``. Inside the bound the value is exact; outside it the value saturates at
 ``exp(+-EXP_CLAMP)`` (about 5e21 / 2e-22, finite in float32) and the gradient through the clamp is zero, so losses
 and gradients stay finite even at margins of +-1e4. Sigmoids and log-sigmoids need no clamp: they are evaluated in

@@ -1,4 +1,4 @@
-"""Advantage estimators of online RL (shared/ALGORITHMS.md section 5): pure tensor functions.
+"""Advantage estimators of online RL (docs/algorithms.md section 5): pure tensor functions.
 
 Groups are contiguous: a flat reward vector ``[N]`` with ``group_size=G`` holds ``N/G`` prompts, each with its ``G``
 completions side by side (TRL's ``view(-1, G)`` convention); a 2-D ``[P, G]`` input is one prompt per row.

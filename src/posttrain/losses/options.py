@@ -1,4 +1,4 @@
-"""Pure helpers that combine with the pairwise losses (ALGORITHMS.md 2.22-2.25).
+"""Pure helpers that combine with the pairwise losses (docs/algorithms.md 2.22-2.25).
 
 - WPO weights (``wpo_weights``, ``log_sum_sq_probs``): multiply a pair's loss by ``w(y_w) * w(y_l)``.
 - LD-DPO (``ld_dpo_logps``): recombine per-token log-probs before any pairwise loss.
@@ -93,7 +93,7 @@ def f_divergence_scores(logratio: torch.Tensor, kind: str = "reverse_kl", alpha:
 
     ``reverse_kl``: ``log u`` (plain DPO). ``forward_kl``: ``1 - 1/u``. ``js_divergence``: ``log(2u/(1+u)) =
     log 2 + logsigmoid(log u)``. ``alpha_divergence``: ``(u^(alpha-1) - 1)/(alpha-1)``, reverse KL at alpha = 1.
-    These are TRL 1.x's f' (ALGORITHMS.md lists them up to additive constants, which cancel in a plain difference
+    These are TRL 1.x's f' (docs/algorithms.md lists them up to additive constants, which cancel in a plain difference
     but not after the per-length division of ``ipo``/``dpo_norm``, so we keep TRL's). Exponents are clamped at
     ``EXP_CLAMP`` (TRL clamps the alpha-divergence exponent above at 80 and forward KL not at all), so scores stay
     within about +-e^50 = 5e21: finite for the logistic/hinge-type losses at any margin, but ``ipo`` SQUARES them and

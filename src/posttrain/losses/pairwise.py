@@ -1,4 +1,4 @@
-"""Pairwise (DPO-family) losses on summed sequence log-probs (ALGORITHMS.md section 2).
+"""Pairwise (DPO-family) losses on summed sequence log-probs (docs/algorithms.md section 2).
 
 Entry point::
 
@@ -13,7 +13,7 @@ Entry point::
 ``needs_lengths``, ``f_divergence``, ``defaults``). Each ``fn`` takes a :class:`Pair` and its hyperparameters as
 keyword-only arguments, so ``inspect.signature`` is the single source of the accepted names and defaults.
 
-Notation (ALGORITHMS.md section 0): ``rho(y) = S_theta(y) - S_ref(y)``, margin ``D = rho(y_w) - rho(y_l)``,
+Notation (docs/algorithms.md section 0): ``rho(y) = S_theta(y) - S_ref(y)``, margin ``D = rho(y_w) - rho(y_l)``,
 length average ``A(y) = S_theta(y)/|y|``, NLL(y_w) = ``-S_theta(y_w)/|y_w|`` (per-example token mean). Losses are
 computed in at least float32; exponentials use the clamp documented in ``_common`` (``EXP_CLAMP``).
 

@@ -1,6 +1,6 @@
 """Policy-gradient losses of online RL: the GRPO family, RLOO, REINFORCE++, ReMax and PPO's policy/value terms.
 
-Pure tensor functions (shared/DESIGN.md, "Loss functions"; formulas in shared/ALGORITHMS.md section 5).
+Pure tensor functions (docs/design.md, "Loss functions"; formulas in docs/algorithms.md section 5).
 
 Inputs (all per-token, ``[B, T]``, aligned on completion tokens):
 

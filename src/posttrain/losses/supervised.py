@@ -1,4 +1,4 @@
-"""Supervised fine-tuning loss (ALGORITHMS.md 2.0; InstructGPT stage 1)."""
+"""Supervised fine-tuning loss (docs/algorithms.md 2.0; InstructGPT stage 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unpaired binary-feedback (KTO-family) losses (ALGORITHMS.md section 3).
+"""Unpaired binary-feedback (KTO-family) losses (docs/algorithms.md section 3).
 
 Entry point::
 

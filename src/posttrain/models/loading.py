@@ -123,7 +123,7 @@ def add_lora(model, lora):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere (ALGORITHMS.md 6.3): policy and reference must see the same network."""
+    """Dropout off everywhere (docs/algorithms.md 6.3): policy and reference must see the same network."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -1,4 +1,4 @@
-"""Cell identity: config hash, variant name and cell directory (shared/DESIGN.md, "Contracts").
+"""Cell identity: config hash, variant name and cell directory (docs/design.md, "Contracts").
 
 A cell directory is ``<variant>/<scale>/lora-<on|off>/seed-<n>``. The variant is the algo name, plus ``@`` and the
 overrides that enter the config hash (other than algo/scale/lora/seed), as typed, sorted by key, joined by ``,``;

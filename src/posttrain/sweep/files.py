@@ -18,7 +18,7 @@ A sweep file::
       trainer.max_steps: 4
 
 Cells = the included sweeps' cells, then each part's product, in file order; a cell already seen (same cell
-directory, i.e. same algo, scale, lora, seed and variant overrides: DESIGN.md "distinct configs never share a
+directory, i.e. same algo, scale, lora, seed and variant overrides: docs/design.md "distinct configs never share a
 directory") is kept once. Precedence, outermost wins: command line > including file's ``overrides`` > included
 file's ``overrides`` > part grid. A key set at an outer level *replaces* the axis of that key wherever it appears
 (``sweep=paper seed=0-1`` runs seeds 0 and 1 in every part); a key no part sets is added to every cell (a command-

@@ -1,4 +1,4 @@
-"""sweep.json: what a multirun launched, so that status works for any launcher (shared/DESIGN.md, "Contracts").
+"""sweep.json: what a multirun launched, so that status works for any launcher (docs/design.md, "Contracts").
 
     {"sweep": <name>, "launcher": <name>,
      "cells": [{"cell": <cell dir relative to the sweep dir>, "run_dir": <absolute cell dir>,
