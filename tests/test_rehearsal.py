@@ -113,6 +113,7 @@ def _assert_study_cell(result: dict, scale: str) -> None:
     assert {"acc,none", "acc_norm,none"} <= set(metrics["arc_challenge"]) and "acc,none" in metrics["winogrande"]
     generation = result["eval"]["generation"]
     assert generation and all(kw.get("max_gen_toks") == 8 for kw in generation.values()), generation
+    assert result["eval"]["model_generation_config"]["repetition_penalty"] == 1.05, "what HF generate adds: recorded"
 
 
 def test_0_5b_kto_from_the_mirror_by_hub_id_with_the_study_prompts(world):
