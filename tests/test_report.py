@@ -423,3 +423,22 @@ def test_wandb_logs_tables_and_plots(tmp_path, capsys, monkeypatch):
     logged = {k for payload in calls["log"] for k in payload}
     assert {"summary", "comparisons"} <= logged and any(k.startswith("plots/") for k in logged)
     assert "report.md" in calls["artifacts"][0].files and calls.get("finished")
+
+
+def test_a_truncated_or_incomplete_result_is_listed_and_skipped_not_fatal(tmp_path, capsys):
+    for seed in (0, 1):
+        put(tmp_path, make_result("dpo", "tiny-s", seed, metrics=gsm_metrics(0.3 + seed / 100)))
+        put(tmp_path, make_result("sft", "tiny-s", seed, metrics=gsm_metrics(0.4 + seed / 100)))
+    truncated = tmp_path / "kto" / "result.json"
+    truncated.parent.mkdir()
+    truncated.write_text(json.dumps(make_result("kto", "tiny-s", 0, metrics=gsm_metrics(0.5)))[:120])
+    (tmp_path / "ipo").mkdir()
+    (tmp_path / "ipo" / "result.json").write_text(json.dumps({"status": "completed", "algo": "ipo"}))
+    code, _, err = run_cli([tmp_path], capsys)
+    assert code == 0, err
+    text = (tmp_path / "report.md").read_text()
+    assert "`kto/result.json` skipped: not valid JSON" in text
+    assert "`ipo/result.json` skipped: result.json lacks scale, seed, lora" in text
+    assert err.count("warning:") == 2
+    summary = (tmp_path / "summary.csv").read_text()
+    assert "kto" not in summary and summary.count("\n") == 5, "the four readable runs, and only them"

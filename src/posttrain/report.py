@@ -152,6 +152,20 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
 
 
+def _unusable(result) -> str | None:
+    """Why a parsed result.json cannot be used (None when it can)."""
+    if not isinstance(result, dict):
+        return "not a result object"
+    missing = [k for k in ("status", "algo", "scale", "seed", "lora") if result.get(k) is None]
+    if missing:
+        return f"result.json lacks {', '.join(missing)}"
+    try:
+        int(result["seed"])
+    except (TypeError, ValueError):
+        return f"seed {result['seed']!r} is not an integer"
+    return None
+
+
 def load_results(root: str | os.PathLike) -> Loaded:
     """One DataFrame row per result.json under ``root`` (archives skipped), metrics flattened as ``task/metric``."""
     root = Path(root)
@@ -164,24 +178,18 @@ def load_results(root: str | os.PathLike) -> Loaded:
         if any(is_archive(parent) for parent in p.relative_to(root).parents if parent != Path("."))
     )
     rows, curves, metric_names = [], [], set()
-    try:
-        items = list(iter_results(root))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if not items:
+    unreadable: list[tuple[Path, str]] = []  # listed in report.md and skipped: one bad file never stops the report
+    items = list(iter_results(root, unreadable))
+    if not items and not unreadable:
         extra = f" ({n_archived} archived results skipped)" if n_archived else ""
         raise UserError(f"no result.json under {root}{extra}")
     for path, result in items:
         rel = path.relative_to(root).as_posix()
-        if not isinstance(result, dict):
-            raise UserError(f"{path}: not a result object")
-        missing = [k for k in ("status", "algo", "scale", "seed", "lora") if result.get(k) is None]
-        if missing:
-            raise UserError(f"{path}: result.json lacks {', '.join(missing)}")
-        try:
-            seed = int(result["seed"])
-        except (TypeError, ValueError):
-            raise UserError(f"{path}: seed {result['seed']!r} is not an integer") from None
+        problem = _unusable(result)
+        if problem:
+            unreadable.append((path, problem))
+            continue
+        seed = int(result["seed"])
         train = result.get("train") or {}
         error = result.get("error") or {}
         meta = result.get("algo_meta") or {}
@@ -212,6 +220,9 @@ def load_results(root: str | os.PathLike) -> Loaded:
             if loss or reward:
                 curves.append({"variant": row["variant"], "scale": row["scale"], "lora": row["lora"],
                                "seed": seed, "loss_curve": loss, "reward_curve": reward})
+    if not rows:
+        path, reason = unreadable[0]
+        raise UserError(f"no readable result.json under {root}: {len(unreadable)} unreadable, e.g. {path}: {reason}")
     metrics = sorted(metric_names)
     head = ["algo", "variant", "scale", "lora", "seed", "status"]
     tail = [f"train_{k}" for k in TRAIN_FIELDS] + ["config_hash", "family", "category", "error_type",
@@ -221,7 +232,9 @@ def load_results(root: str | os.PathLike) -> Loaded:
     runs = runs.sort_values(["variant", "_sk", "lora", "seed", "path"], kind="stable").drop(columns="_sk")
     runs = runs.reset_index(drop=True)
     unknown = sorted(set(runs["status"]) - {COMPLETED, FAILED})
-    notes = []
+    notes = [f"`{path.relative_to(root).as_posix()}` skipped: {reason}" for path, reason in unreadable]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     if unknown:
         notes.append(f"runs with an unknown status ({', '.join(unknown)}) are listed with the failed runs and "
                      "not used in the statistics")

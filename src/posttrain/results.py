@@ -93,8 +93,11 @@ def is_archive(cell_dir: str | os.PathLike) -> bool:
     return bool(_ARCHIVE_RE.match(Path(cell_dir).name))
 
 
-def iter_results(root: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
-    """Yield ``(path, result)`` for every result.json under ``root``, skipping archives, in sorted order."""
+def iter_results(root: str | os.PathLike, unreadable: list | None = None) -> Iterator[tuple[Path, dict]]:
+    """Yield ``(path, result)`` for every result.json under ``root``, skipping archives, in sorted order.
+
+    A file that is not valid JSON (a truncated copy, a disk that filled up) raises ValueError, or, when the caller
+    passes an ``unreadable`` list, is appended to it as ``(path, reason)`` and skipped."""
     root = Path(root)
     for path in sorted(root.rglob(RESULT_FILE)):
         if any(is_archive(parent) for parent in path.relative_to(root).parents if parent != Path(".")):
@@ -103,4 +106,6 @@ def iter_results(root: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
             with open(path) as handle:
                 yield path, json.load(handle)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            if unreadable is None:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            unreadable.append((path, f"not valid JSON ({exc})"))
