@@ -464,7 +464,8 @@ def compose_config(overrides: list[str]):
         return compose("config", overrides=list(overrides))
 
 
-def scripted_selfplay(model_dir, data_cfg, rows: list[dict] | None = None) -> tuple[Path, ScriptedGenerator]:
+def scripted_selfplay(model_dir, data_cfg, rows: list[dict] | None = None, *, base_id: str | None = None,
+                      precision: str = "fp32") -> tuple[Path, ScriptedGenerator]:
     """Build the self-play sample cache of ``model_dir`` for ``data_cfg`` through the real path, scripted.
 
     Calls ``posttrain.data.selfplay.selfplay_samples(model, tokenizer, str(model_dir), data_cfg)`` with the
@@ -484,7 +485,7 @@ def scripted_selfplay(model_dir, data_cfg, rows: list[dict] | None = None) -> tu
     generator = ScriptedGenerator(tokenizer, rows)
     model = generator.load_model(model_dir)
     try:
-        path = selfplay_samples(model, tokenizer, str(model_dir), data_cfg)
+        path = selfplay_samples(model, tokenizer, base_id or str(model_dir), data_cfg, precision=precision)
     finally:
         del model
     return path, generator

@@ -391,6 +391,8 @@ def test_deepspeed_config_comes_from_the_trainer_config(name):
                                                              "weight_decay": 0.01, "torch_adam": True}}
     assert cpu["bf16"] == {"enabled": True}, "bf16-mixed is DeepSpeed's bf16 mode, on CPU as on GPU"
     assert cpu["zero_optimization"]["stage"] == ds.stage
+    assert cpu.get("data_types") == ({"grad_accum_dtype": "fp32"} if ds.stage == 3 else None), \
+        "ZeRO-3 + bf16 sums the step's micro-batch gradients in float32, as the plain engine"
     offload = "offload" in name
     assert cpu.get("zero_force_ds_cpu_optimizer", True) is not offload
     gpu = deepspeed_config(tr, ds, world_size=8, cuda=True)

@@ -110,6 +110,9 @@ def test_embedded_cells_need_nothing_and_usage_errors_are_one_line(tmp_path, mon
     assert "reversed range" in capsys.readouterr().err
     assert _run(["sweep=nope", f"mirror={tmp_path}"])[0] == 2
     assert "unknown sweep 'nope'" in capsys.readouterr().err
+    assert _run(["scale=0.5b", "eval.tasks=[gsm8kx]", f"mirror={tmp_path}"])[0] == 2
+    err = capsys.readouterr().err
+    assert "gsm8kx" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_an_unreachable_hub_is_one_failed_attempt_not_a_hang_or_a_traceback(tmp_path):

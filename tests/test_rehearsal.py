@@ -89,8 +89,9 @@ def _cell(world, scale: str, model: str | None, *, ranks: int = 1) -> dict:
     if cfg.algo.name != "sgrpo":  # online methods sample for themselves
         from posttrain.mirror import model_location
 
-        base_id = model or model_location(str(cfg.scale.model), str(world["mirror"]))
-        ra.scripted_selfplay(base_id, cfg.data)
+        where = model or model_location(str(cfg.scale.model), str(world["mirror"]))
+        # the cache is keyed by the configured id (the hub id for a mirrored model) and the run's precision
+        ra.scripted_selfplay(where, cfg.data, base_id=str(cfg.scale.model), precision=str(cfg.trainer.precision))
     proc = _launch(world, overrides, ranks)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     assert proc.stdout.count("[completed]") == 1, proc.stdout[-3000:]
@@ -140,7 +141,7 @@ def test_1_5b_dpo_full_fine_tuning(world):
     assert result["lora"] is False and result["train"]["reference_forwards"] >= 1
 
 
-def test_3b_sgrpo_rollouts_stop_at_either_eos(world):
+def test_3b_sgrpo_rolls_out_and_trains_on_zero3(world):
     model = ra.build_model("3b", world["assets"] / "3b", world["tokenizer"])
     result = _cell(world, "3b", str(model))
     assert result["train"]["reward_curve"], "a rollout was scored"

@@ -135,10 +135,8 @@ def base_scores(loaded, cfg: DictConfig, precision) -> dict:
     settings = OmegaConf.to_container(cfg.eval, resolve=True)
     settings.pop("profiles", None)
     settings.pop("batch_size", None)
-    fields = {"model": loaded.model_id, "tokenizer": loaded.tokenizer_id, "eval": settings,
-              "lm_eval": lm_eval_version(), "seed": EVAL_SEED}
-    if precision.bf16:  # fp32 keys stay as they were, so existing base-score caches still hit
-        fields["precision"] = precision.name
+    fields = {"v": 2, "model": loaded.model_id, "tokenizer": loaded.tokenizer_id, "eval": settings,
+              "lm_eval": lm_eval_version(), "seed": EVAL_SEED, "precision": precision.name}
     return cached_json("base_scores", stable_hash(fields), lambda: evaluate(
         loaded.model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED, mirror=cfg.get("mirror"),
         autocast_dtype=precision.autocast_dtype))
@@ -168,7 +166,8 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     mirror = cfg.get("mirror")
     loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code),
                          device=device, dtype=precision.load_dtype(lora=bool(cfg.lora.enabled)), mirror=mirror)
-    if cfg.eval.base_scores and main:
+    if cfg.eval.base_scores:  # every rank: ranks > 0 wait on the cache's file lock while rank 0 scores (a wait inside
+        # DeepSpeed's first collective would time out at the real scales), then read the cached scores
         result["eval"]["base_metrics"] = base_scores(loaded, cfg, precision)
     prompts = training_prompts(cfg.data)  # data.prompt_format: the one source of prompts, self-play and online
     longest = check_lengths(loaded.tokenizer, [p.prompt for p in prompts], int(cfg.data.max_length),
@@ -178,7 +177,8 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
         result["data"] = {"prompts": len(records), "prompt_format": prompt_format(cfg.data)}
     else:
         with precision.autocast(device):  # sampled as the run computes: bf16 for bf16-mixed
-            samples = selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data)
+            samples = selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data,
+                                       precision=precision.name)
         records = load_records(samples)
         result["data"] = selfplay_report(samples)  # the yield manifest: pairs, strict/flexible accuracy, sampling
         warning = low_yield_line(result["data"], float(cfg.data.min_pair_yield))

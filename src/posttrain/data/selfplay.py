@@ -212,11 +212,14 @@ def low_yield_line(manifest: dict, min_pair_yield: float) -> str | None:
             f"{manifest.get('flexible_accuracy', 0.0):.1%}); try " + ", ".join(tries))
 
 
-def selfplay_samples(model, tokenizer, base_id: str, data_cfg) -> Path:
+def selfplay_samples(model, tokenizer, base_id: str, data_cfg, *, precision: str = "fp32") -> Path:
     """Generate (or reuse) the cached sample file ``samples.jsonl`` (and its ``manifest.json``) for this base and
-    data block."""
+    data block. ``base_id`` is the configured model id (a hub id, not where a mirror keeps it: moving the mirror
+    must not regenerate the data); ``precision`` (``trainer.precision``) is what the sampling computes in."""
     cfg = sampling_config(data_cfg)
     record = sampling_record(cfg, stop_ids(model, tokenizer), tokenizer.pad_token_id)
+    if precision != "fp32":  # fp32 keys unchanged
+        record = {**record, "precision": precision}
     fmt = prompt_format(data_cfg)
 
     def build(tmp: Path) -> None:

@@ -9,7 +9,8 @@ split and the logs):
   trainer config so that both engines optimise the same thing: AdamW with the trainer's betas/eps/weight decay
   (decay on matrices only, as TorchEngine), the same warmup+cosine ``LambdaLR`` (built by DeepSpeed on its own
   optimizer), gradient clipping at ``trainer.max_grad_norm``; ``trainer.precision=bf16-mixed`` is DeepSpeed's bf16
-  mode (bf16 module, float32 master weights and states), on GPU and CPU ranks alike (models/precision.py).
+  mode (bf16 module, float32 master weights and states; under ZeRO-3 float32 gradient accumulation), on GPU and CPU
+  ranks alike (models/precision.py).
 
 Both engines expose ``autocast()``: the context every forward of the loop runs in (bf16 autocast over float32
 master weights for ``bf16-mixed`` on the plain engine; nothing otherwise).
@@ -229,6 +230,9 @@ def deepspeed_config(trainer_cfg, deepspeed_cfg, *, world_size: int, cuda: bool)
         "steps_per_print": 10 ** 12,
         "wall_clock_breakdown": False,
     }
+    if bf16 and stage == 3:  # sum the step's micro-batch gradients in float32, as the plain engine does (DeepSpeed's
+        # default accumulates in the module's bf16; ZeRO-0 refuses the mix, ZeRO-2 reduces into its fp32 partitions)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if torch_adam and offload_optimizer:
         config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states (CPU-only machines)
     return _merge(config, ds.get("config") or {})

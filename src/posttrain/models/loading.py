@@ -26,7 +26,7 @@ class ModelLoadError(RuntimeError):
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
-    model_id: str  # what was loaded (id or directory), recorded in result.json
+    model_id: str  # the configured model (hub id or directory; the embedded base's directory), for cache keys
     tokenizer_id: str
 
 
@@ -111,7 +111,11 @@ def load_policy(scale, lora, *, trust_remote_code: bool = False, device: str | t
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if lora.enabled:
         model = add_lora(model, lora)
-    return Loaded(model, tokenizer, model_loc, tok_loc)
+    # the id recorded and used in cache keys is the configured one (a hub id stays a hub id wherever a mirror keeps
+    # it), so moving a mirror or resolving through the HF cache never makes other self-play data or base scores
+    model_id = str(scale.get("model") or model_loc)
+    tokenizer_id = str(scale.get("tokenizer") or scale.get("model") or tok_loc)
+    return Loaded(model, tokenizer, model_id, tokenizer_id)
 
 
 def add_lora(model, lora):

@@ -48,7 +48,8 @@ class Precision:
         if name not in PRECISIONS:
             raise PrecisionError(f"trainer.precision={name!r} is not one of {', '.join(PRECISIONS)}")
         cuda = torch.cuda.is_available() if cuda is None else cuda
-        if name != "fp32" and cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        if name != "fp32" and cuda and torch.cuda.is_available() \
+                and not torch.cuda.is_bf16_supported(including_emulation=False):  # V100/T4 only emulate it
             raise PrecisionError(f"trainer.precision={name}: this GPU ({torch.cuda.get_device_name(0)}) has no bf16; "
                                  "use trainer.precision=fp32")
         if name == "bf16-pure" and deepspeed:
@@ -70,8 +71,9 @@ class Precision:
         return torch.float32
 
     def autocast(self, device: torch.device | str):
-        """The forward context: bf16 autocast for the mixed mode, nothing otherwise (pure bf16 weights compute in
-        bf16 by themselves; DeepSpeed's bf16 module too, where autocast changes nothing)."""
+        """The forward context: bf16 autocast for the mixed mode (over DeepSpeed's bf16 module too, where it keeps
+        autocast's float32 ops, softmax and norms, as on the plain engine), nothing otherwise (pure bf16 weights
+        compute in bf16 by themselves)."""
         if self.name != "bf16-mixed":
             return nullcontext()
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)

@@ -311,8 +311,8 @@ def prefetch(arguments: Sequence[str], *, conf_dir: Path | None = None, sweeps_d
         if not mirror:
             raise PrefetchUsage("prefetch needs a mirror directory: give mirror=DIR or set POSTTRAIN_MIRROR")
         found = needs(configs, str(mirror))
-    except PrefetchUsage as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (PrefetchUsage, ValueError) as exc:  # ValueError: lm-eval knows no such task or group
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     order = ("model", "tokenizer", "dataset", "python")
     found.sort(key=lambda n: order.index(n.kind))
@@ -339,8 +339,8 @@ def prefetch(arguments: Sequence[str], *, conf_dir: Path | None = None, sweeps_d
         except HubUnreachable as exc:
             unreachable = unreachable or f"a download failed ({exc})"
             missing.append(need.line("missing"))
-        except ValueError as exc:
-            missing.append(need.line("missing", str(exc)))
+        except (ValueError, OSError) as exc:  # OSError: an unwritable or full mirror
+            missing.append(need.line("missing", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"))
     for line in missing:
         out(line)
     counts = _counts(found)
