@@ -74,9 +74,12 @@ def cut_at(step: int):
     return log
 
 
-def spawn_ranks(script: str, out: Path, world_size: int, timeout: float) -> None:
+def spawn_ranks(script: str, out: Path, world_size: int, timeout: float) -> list[dict]:
     """Run ``python SCRIPT OUT`` as ``world_size`` ranks (the torch.distributed variables set as torchrun would, one
-    torch thread each), logs in ``OUT/rank<r>.log``; a rank that fails or hangs fails the test with its log's tail."""
+    torch thread each), logs in ``OUT/rank<r>.log``; a rank that fails or hangs fails the test with its log's tail.
+    Returns each rank's ``OUT/rank<r>.json`` with its ``OUT/rank<r>.pt`` under ``weights``."""
+    import torch
+
     from posttrain.models.distributed import free_port
 
     out.mkdir(parents=True, exist_ok=True)
@@ -103,3 +106,5 @@ def spawn_ranks(script: str, out: Path, world_size: int, timeout: float) -> None
         if proc.returncode != 0:
             tail = (out / f"rank{rank}.log").read_text()[-4000:]
             raise AssertionError(f"rank {rank} of {world_size} exited {proc.returncode}:\n{tail}")
+    return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": torch.load(out / f"rank{r}.pt")}
+            for r in range(world_size)]

@@ -234,12 +234,6 @@ def worker(out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- the tests
 
-def _spawn(out: Path, world_size: int) -> list[dict]:
-    spawn_ranks(__file__, out, world_size, WORKER_TIMEOUT)
-    return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": torch.load(out / f"rank{r}.pt")}
-            for r in range(world_size)]
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     from posttrain.data.tokenizer import build_char_tokenizer
@@ -263,7 +257,7 @@ def plain(tok):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["world1", "world2"])
 def ranks(request, tmp_path_factory):
-    return _spawn(tmp_path_factory.mktemp(f"ds_world{request.param}"), request.param)
+    return spawn_ranks(__file__, tmp_path_factory.mktemp(f"ds_world{request.param}"), request.param, WORKER_TIMEOUT)
 
 
 def _close_curves(got, want, tol=1e-5):

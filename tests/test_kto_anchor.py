@@ -144,12 +144,6 @@ WORKER_RUNS = {
 }
 
 
-def _spawn(out: Path, world_size: int) -> list[dict]:
-    spawn_ranks(__file__, out, world_size, WORKER_TIMEOUT)
-    return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": torch.load(out / f"rank{r}.pt")}
-            for r in range(world_size)]
-
-
 # ------------------------------------------------------------------------------------------------- partners
 
 @pytest.fixture(scope="module")
@@ -335,7 +329,7 @@ def test_resume_equals_uninterrupted_with_partners_drawn_from_the_pool(tok, tmp_
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return _spawn(tmp_path_factory.mktemp("kto_world2"), 2)
+    return spawn_ranks(__file__, tmp_path_factory.mktemp("kto_world2"), 2, WORKER_TIMEOUT)
 
 
 @pytest.mark.slow

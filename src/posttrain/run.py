@@ -154,6 +154,7 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     from posttrain.models.engine import deepspeed_enabled, gathered
     from posttrain.models.loading import Reference, add_lora, load_policy, save_model
     from posttrain.models.precision import PURE_BF16_COST, Precision
+    from posttrain.rollout.sampler import model_generation_defaults
     from posttrain.train import train
 
     quiet_libraries()
@@ -217,18 +218,9 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
         result["eval"]["generation"] = generation  # the generation kwargs each task ran with, and what HF generate
         # adds to them from the model's own generation config (lm-eval's HF backend applies it: Qwen2.5's
         # repetition_penalty 1.05 acts on greedy decoding too, as for every lm-eval user of these models)
-        result["eval"]["model_generation_config"] = _generation_defaults(bare)
+        result["eval"]["model_generation_config"] = model_generation_defaults(bare)
     tracker.log({f"eval/{task}/{metric}": value for task, metrics in result["metrics"].items()
                  for metric, value in metrics.items()}, state.step)
-
-
-def _generation_defaults(model) -> dict:
-    """The model's own generation config as HF ``generate`` fills unset arguments from it (non-default fields)."""
-    leaf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(leaf, "generation_config", None)
-    if config is None:
-        return {}
-    return {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
 
 
 def summary_line(result: dict, cell_dir: Path) -> str:

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -199,11 +200,9 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
     ``trainer.checkpoint_minutes`` of wall time, and at the step a requeue signal arrives in (posttrain/preemption.py).
     ``fingerprint`` (the cell's config hash) is stored in each checkpoint; a checkpoint with another one (the config
     changed since it was written) is not resumed from: the run starts over."""
-    if checkpoint_dir is None:
-        return _train(policy, reference, tokenizer, algo, hparams, examples, trainer, max_length=max_length,
-                      seed=seed, log=log, checkpoint_dir=None, progress=progress, deepspeed=deepspeed,
-                      fingerprint=fingerprint, preempt=None)
-    with Preemption(trainer.get("checkpoint_minutes", 30)) as preempt:
+    # without a checkpoint directory there is nothing to save: the signal keeps whatever handler it had
+    watch = Preemption(trainer.get("checkpoint_minutes", 30)) if checkpoint_dir is not None else nullcontext()
+    with watch as preempt:
         return _train(policy, reference, tokenizer, algo, hparams, examples, trainer, max_length=max_length,
                       seed=seed, log=log, checkpoint_dir=checkpoint_dir, progress=progress, deepspeed=deepspeed,
                       fingerprint=fingerprint, preempt=preempt)

@@ -108,6 +108,15 @@ def _leaf(model):
     return get_base() if callable(get_base) else model
 
 
+def model_generation_defaults(model) -> dict:
+    """The model's own generation config as HF ``generate`` fills unset arguments from it (its non-default fields):
+    what :func:`sample` hides, and what lm-eval's HF backend lets act (Qwen2.5's repetition_penalty 1.05)."""
+    config = getattr(_leaf(model), "generation_config", None)
+    if config is None:
+        return {}
+    return {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
+
+
 @contextmanager
 def _no_model_defaults(model):
     """Hide the model's own generation config for the duration (an empty one fills nothing in)."""
