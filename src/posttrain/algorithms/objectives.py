@@ -23,6 +23,7 @@ from posttrain.algorithms.memory import LoopMemory, RunningMean
 from posttrain.algorithms.online import online, prepare_online, updates_per_step
 from posttrain.data.collate import collate, mismatched_partners, mismatched_rows
 from posttrain.models import distributed
+from posttrain.models.logps import logps_from_logits, sequence_logps, shifted_logits, token_logps
 
 
 @dataclass(frozen=True)
@@ -63,27 +64,6 @@ def _observe(observers: list, inputs, fn_hparams: dict, stats: dict) -> None:
             stats[f"running/{key}"] = stat.value
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(x_t | x_<t) for t = 1..T-1, float32, shape [B, T-1]."""
-    return logps_from_logits(_shifted_logits(model, input_ids, attention_mask), input_ids)
-
-
-def _shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-
-
-def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary log-softmax picked at the next tokens: [B, T-1, V] logits -> [B, T-1] log-probs."""
-    return torch.gather(logits, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs [N] and completion lengths [N] of a padded batch."""
-    mask = batch["completion_mask"][:, 1:].float()
-    lp = token_logps(model, batch["input_ids"], batch["attention_mask"])
-    return (lp * mask).sum(-1), mask.sum(-1)
-
-
 def _reference_logps(reference, batch: dict) -> torch.Tensor:
     with reference.active() as ref_model:
         return sequence_logps(ref_model, batch)[0]
@@ -122,7 +102,7 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
     wpo, ld_alpha = bool(hparams.get("wpo", False)), hparams.get("ld_alpha")
     loss_hp = {k: v for k, v in hparams.items() if k not in PAIRWISE_OPTIONS}
     mask = batch["completion_mask"][:, 1:].float()
-    logits = _shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
+    logits = shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
     token_lp = logps_from_logits(logits, batch["input_ids"])
     chosen, rejected = _pair_logps(token_lp, mask, n, ld_alpha)
     lengths = mask.sum(-1)
@@ -164,9 +144,9 @@ def token_pairwise(policy, reference, batch, algo, hparams, ctx):
     if unknown:
         raise ValueError(f"{algo.loss}: unknown hyperparameter(s) {unknown}; accepted: {sorted(spec.defaults)}")
     mask = batch["completion_mask"][:, 1:].float()
-    logits = _shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
+    logits = shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
     with reference.active() as ref_model:
-        ref_logits = _shifted_logits(ref_model, batch["input_ids"], batch["attention_mask"])
+        ref_logits = shifted_logits(ref_model, batch["input_ids"], batch["attention_mask"])
     seq = (logps_from_logits(logits, batch["input_ids"]) * mask).sum(-1)
     ref = (logps_from_logits(ref_logits, batch["input_ids"]) * mask).sum(-1)
     kl = losses.options.sequential_kl(logits, ref_logits, mask)

@@ -73,6 +73,7 @@ from posttrain.losses import advantages as adv_lib
 from posttrain.losses.policy_gradient import policy_gradient_and_stats, ppo_value_loss
 from posttrain.models import distributed
 from posttrain.models.engine import gathered
+from posttrain.models.logps import logps_from_logits, token_logps
 from posttrain.rewards import REWARD_FUNCTIONS, compute_rewards, overlong_penalty, weighted_sum
 from posttrain.rollout import SamplingConfig, sample
 
@@ -336,14 +337,8 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, max_length: i
 
 
 def policy_token_logps(model, input_ids, attention_mask, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs [B, T-1] as :func:`objectives.token_logps`; with a sampling temperature other than 1 the
-    logits are divided by it first, as the sampler did (ALGORITHMS 6.2)."""
-    t = float(temperature)
-    if t <= 0 or t == 1.0:
-        return _objectives().token_logps(model, input_ids, attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / t
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    """Per-token log-probs [B, T-1] at the sampling temperature (:func:`posttrain.models.logps.token_logps`)."""
+    return token_logps(model, input_ids, attention_mask, temperature)
 
 
 def _device(model) -> torch.device:
@@ -377,10 +372,9 @@ def _forward_logps(model, step: dict, chunks: list[slice], temperature: float,
             logps[rows, : w - 1] = policy_token_logps(model, ids, attn, temperature).float().cpu()
             continue
         out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        t = float(temperature)
         logits = out.logits[:, :-1].float()
-        if float(temperature) > 0 and float(temperature) != 1.0:
-            logits = logits / float(temperature)
-        lp = torch.gather(logits, -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        lp = logps_from_logits(logits / t if t > 0 and t != 1.0 else logits, ids)
         logps[rows, : w - 1] = lp.cpu()
         states.append((rows, w, out.hidden_states[-1][:, :-1].float().detach()))
     return logps, states
