@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,8 @@ GSM = "synth_gsm8k/exact_match,strict-match"
 
 
 def make_result(algo, scale, seed, *, lora=False, variant=None, status="completed", metrics=None,
-                loss_curve=None, reward_curve=None, error=None, config_extra=None, config_hash=None) -> dict:
+                loss_curve=None, reward_curve=None, error=None, config_extra=None, config_hash=None,
+                base=None) -> dict:
     """A valid result.json payload (docs/design.md "Contracts"): every required key, metrics {task: {metric: v}}."""
     config = {"algo": {"name": algo, "beta": 0.1}, "scale": {"name": scale}, "seed": seed,
               "lora": {"enabled": bool(lora)}, **(config_extra or {})}
@@ -58,7 +58,7 @@ def make_result(algo, scale, seed, *, lora=False, variant=None, status="complete
         "algo_meta": {"family": "pairwise", "category": "other", "reference_free": False, "length_normalized": False},
         "metrics": metrics if status == "completed" else {},
         "eval": {"tasks": sorted(metrics), "num_fewshot": 0, "chat_template": False, "limit": 200,
-                 "lm_eval_version": "0.4.9", "base_metrics": {}},
+                 "lm_eval_version": "0.4.9", "base_metrics": base or {}},
         "train": train,
         "provenance": {"git_sha": "0" * 40, "versions": {"torch": "2.13.0"}, "hardware": "cpu",
                        "started": "2026-01-01T00:00:00", "finished": "2026-01-01T00:01:00", "cache_hits": []},
@@ -89,8 +89,11 @@ def gsm_metrics(value: float, *, math_value: float | None = None, mc_value: floa
 def golden_tree(root: Path) -> None:
     """The fixed fixture: 3 algorithms x 2 tiny scales x 3 seeds (LoRA off), DPO also with LoRA on (a 2x2
     factorial), a KTO cell with one seed, an order inversion between the scales (sft best at tiny-s, simpo at
-    tiny-m), a failed run, a completed run without synth_mc, and an archived relaunch that must be skipped."""
+    tiny-m), a failed run, a completed run without synth_mc, an archived relaunch that must be skipped, and the
+    untrained base's scores per scale (eval.base_metrics) for the base line and the deltas."""
     rng = np.random.default_rng(20260101)
+    base = {"tiny-s": gsm_metrics(0.35, math_value=0.10, mc_value=0.50),
+            "tiny-m": gsm_metrics(0.44, math_value=0.11, mc_value=0.505)}
     centre = {("sft", "tiny-s", False): 0.40, ("dpo", "tiny-s", False): 0.36, ("simpo", "tiny-s", False): 0.30,
               ("sft", "tiny-m", False): 0.45, ("dpo", "tiny-m", False): 0.48, ("simpo", "tiny-m", False): 0.53,
               ("dpo", "tiny-s", True): 0.34, ("dpo", "tiny-m", True): 0.39}
@@ -104,7 +107,7 @@ def golden_tree(root: Path) -> None:
             curve = [[s, round(start * 0.9 ** s + 0.01 * seed, 4)] for s in range(1, 6)]
             put(root, make_result(algo, scale, seed, lora=lora, metrics=gsm_metrics(value, math_value=math_value,
                                                                                     mc_value=mc_value),
-                                  loss_curve=curve))
+                                  loss_curve=curve, base=base[scale]))
     put(root, make_result("kto", "tiny-s", 0, metrics=gsm_metrics(0.33, math_value=0.105, mc_value=0.501),
                           loss_curve=[[1, 1.0], [2, 0.9]]))
     put(root, make_result("sft", "tiny-m", 3, status="failed",
@@ -166,8 +169,10 @@ def test_golden_csvs(golden_out):
     comparisons = read_csv(golden_out / "comparisons.csv")
     assert list(comparisons[0]) == list(report.stats.COMPARISON_COLUMNS)
     assert {r["significant"] for r in comparisons} <= {"true", "false"}
-    assert all(r["metric"] == GSM for r in comparisons)  # default metric; stderr entries never compared
-    untested = [r for r in comparisons if "kto" in (r["a"], r["b"])]
+    # default: every task's primary metric; stderr entries never compared
+    assert [r["metric"] for r in comparisons if r["metric"] != GSM] and \
+        {r["metric"] for r in comparisons} == {GSM, "synth_math/exact_match,strict-match", "synth_mc/acc_norm,none"}
+    untested = [r for r in comparisons if "kto" in (r["a"], r["b"]) and r["metric"] == GSM]
     assert len(untested) == 3
     assert all(r["t"] == r["df"] == r["p"] == r["p_adj"] == "" and r["significant"] == "false" for r in untested)
 
@@ -175,7 +180,7 @@ def test_golden_csvs(golden_out):
 def test_golden_plots_written(golden_out):
     plots = sorted((golden_out / "plots").glob("*.png"))
     names = {p.name.split("__")[0] for p in plots}
-    assert names == {"accuracy", "forest", "interaction", "ranks", "training_curves.png"}
+    assert names == {"accuracy", "forest", "interaction", "ranks", "training_curves.png", "main_figure.png"}
     for path in plots:
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, path
@@ -202,7 +207,7 @@ def test_planted_effect_detected_all_pairs(tmp_path, capsys):
     planted_tree(tmp_path)
     code, out, err = run_cli([tmp_path], capsys)
     assert code == 0, err
-    rows = read_csv(tmp_path / "comparisons.csv")
+    rows = [r for r in read_csv(tmp_path / "comparisons.csv") if r["metric"] == GSM]
     assert len(rows) == 6  # 4 algorithms, all pairs, a before b alphabetically
     assert all(r["a"] < r["b"] for r in rows)
     for r in rows:
@@ -357,7 +362,7 @@ def test_user_errors_one_line_exit_2(tmp_path, capsys, case):
         if case == "no_default":
             for path in tmp_path.rglob("result.json"):
                 data = json.loads(path.read_text())
-                data["metrics"] = {"synth_mc": {"acc,none": 0.5}}
+                data["metrics"] = {"synth_mc": {"bleu,none": 0.5}}  # no task reports a known primary metric
                 path.write_text(json.dumps(data))
     code, _, err = run_cli(args, capsys)
     _one_line_error(code, err)
@@ -372,57 +377,14 @@ def test_module_entry_point(tmp_path):
 
 def test_default_metric_prefers_real_gsm8k():
     available = ["gsm8k/exact_match,strict-match", "synth_gsm8k/exact_match,strict-match", "synth_mc/acc,none"]
-    assert report.select_metrics(available, None, True) == ["gsm8k/exact_match,strict-match"]
-    assert report.select_metrics(available[1:], None, True) == ["synth_gsm8k/exact_match,strict-match"]
+    assert report.select_metrics(available, None, True) == available, "every task's primary metric, gsm8k first"
+    assert report.select_metrics(available[1:], None, True) == available[1:]
+    both = ["synth_mc/acc,none", "synth_mc/acc_norm,none", "synth_math/exact_match,flexible-extract",
+            "synth_math/exact_match,strict-match", "synth_math/exact_match_stderr,strict-match"]
+    assert report.select_metrics(both, None, True) == ["synth_math/exact_match,strict-match", "synth_mc/acc_norm,none"]
     assert report.is_stderr("gsm8k/exact_match_stderr,strict-match") and not report.is_stderr(GSM)
     assert sorted(["7b", "tiny-m", "0.5b", "14b", "tiny-s", "3b"], key=report.scale_key) == \
         ["tiny-s", "tiny-m", "0.5b", "3b", "7b", "14b"]
-
-
-# ------------------------------------------------------------------------------------------------ W&B
-
-
-def test_wandb_logs_tables_and_plots(tmp_path, capsys, monkeypatch):
-    """--wandb imports wandb lazily and logs one report run in the sweep's group (offline by default)."""
-    calls = {"log": [], "artifacts": []}
-
-    class FakeRun:
-        dir = str(tmp_path)
-
-        def log(self, payload):
-            calls["log"].append(payload)
-
-        def log_artifact(self, artifact):
-            calls["artifacts"].append(artifact)
-
-        def finish(self):
-            calls["finished"] = True
-
-    class FakeArtifact:
-        def __init__(self, name, type):
-            self.name, self.type, self.files = name, type, []
-
-        def add_file(self, path):
-            self.files.append(Path(path).name)
-
-    fake = types.SimpleNamespace(
-        init=lambda **kw: calls.setdefault("init", kw) and FakeRun(),
-        Table=lambda dataframe: ("table", len(dataframe)), Image=lambda path: ("image", Path(path).name),
-        Artifact=FakeArtifact)
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
-    sweep = tmp_path / "my_sweep"
-    for algo, v in (("dpo", 0.3), ("sft", 0.4)):
-        for s in range(2):
-            put(sweep, make_result(algo, "tiny-s", s, metrics=gsm_metrics(v + s / 50)))
-    code, _, err = run_cli([sweep, "--wandb"], capsys)
-    assert code == 0, err
-    init = calls["init"]
-    assert init["group"] == "my_sweep" and init["job_type"] == "report" and init["mode"] == "offline"
-    logged = {k for payload in calls["log"] for k in payload}
-    assert {"summary", "comparisons"} <= logged and any(k.startswith("plots/") for k in logged)
-    assert "report.md" in calls["artifacts"][0].files and calls.get("finished")
 
 
 def test_a_truncated_or_incomplete_result_is_listed_and_skipped_not_fatal(tmp_path, capsys):

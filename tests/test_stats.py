@@ -310,3 +310,52 @@ def test_power_for_a_large_planted_effect():
     assert (involved["diff"] > 0).all()
     others = out[out["a"] != "v0"]
     assert others["significant"].mean() <= 0.05
+
+
+# ------------------------------------------------------------------------------------------------ power
+
+
+def test_minimum_detectable_effect_and_seeds_needed_match_statsmodels():
+    from statsmodels.stats.power import TTestIndPower
+
+    solver = TTestIndPower()
+    for n_a, n_b, alpha in ((5, 5, 0.05), (3, 5, 0.05 / 3), (10, 10, 0.01)):
+        expected = solver.solve_power(effect_size=None, nobs1=n_a, ratio=n_b / n_a, alpha=alpha, power=0.8)
+        assert stats.minimum_detectable_d(n_a, n_b, alpha=alpha) == pytest.approx(expected, rel=1e-9)
+    for d in (1.0, 0.5, 0.2):
+        n = solver.solve_power(effect_size=d, nobs1=None, ratio=1.0, alpha=0.05, power=0.8)
+        assert stats.seeds_needed(d) == math.ceil(n)  # 17, 64, 394
+    assert [stats.seeds_needed(d) for d in (1.0, 0.5, 0.2)] == [17, 64, 394]
+    # where statsmodels' solver stops short (n = 2 at alpha 0.05/6 returned a d of power 0.79), the same power
+    # solved with brentq: the noncentral t's upper tail (the lower one is < 1e-15 there) is exactly 0.8
+    d = stats.minimum_detectable_d(2, 2, alpha=0.05 / 6)
+    t_crit = scipy.stats.t.isf(0.05 / 12, 2)
+    assert scipy.stats.nct.sf(t_crit, 2, d * math.sqrt(2 * 2 / 4)) == pytest.approx(0.8, abs=1e-6)
+    assert stats.seeds_needed(20.0) == 2 and stats.seeds_needed(0.0) is None
+    assert math.isnan(stats.minimum_detectable_d(1, 5))
+
+
+def test_power_verdicts_and_the_family_level():
+    # pooled sd of (n=4, s=0.01) and (n=4, s=0.03): sqrt((3*1e-4 + 3*9e-4) / 6) = sqrt(5e-4)
+    assert stats.pooled_sd(4, 0.01, 4, 0.03) == pytest.approx(math.sqrt(5e-4))
+    precise = stats.analyse(5, 0.001, 5, 0.001, significant=False, effect=0.02)
+    assert precise.verdict == "real null" and precise.mde == pytest.approx(precise.mde_d * 0.001)
+    noisy = stats.analyse(5, 0.05, 5, 0.05, significant=False, effect=0.02)
+    assert noisy.verdict == "underpowered" and noisy.seeds_needed == stats.seeds_needed(0.02 / 0.05)
+    assert stats.analyse(5, 0.05, 5, 0.05, significant=True).verdict == "detected"
+    assert stats.analyse(3, 0.0, 3, 0.0, significant=False).verdict == "no variance"
+    assert stats.analyse(1, math.nan, 3, 0.1, significant=False).verdict == "too few seeds"
+    assert stats.family_alpha(0.05, "bonferroni", 4) == stats.family_alpha(0.05, "holm", 4) == 0.0125
+    assert stats.family_alpha(0.05, "none", 4) == 0.05
+
+
+def test_anova_refuses_constant_data_instead_of_testing_rounding_noise():
+    """Issue 13: all scores at 0.46 gave F 0.20, p 0.83 and partial eta^2 0.168 from SS 0.000000."""
+    df = pd.DataFrame({"scale": ["a", "a", "b", "b"] * 3, "lora": ["off", "on"] * 6,
+                       "variant": ["x"] * 6 + ["y"] * 6, "seed": [0, 1] * 6, "m": [0.46] * 12})
+    df["m"] = df["m"] * 1.0000000000000002 ** np.arange(12)  # rounding noise, as means of floats give
+    assert stats.no_variance(df["m"])
+    with pytest.raises(ValueError, match="no variance"):
+        stats.leverage(df, "m")
+    with pytest.raises(ValueError, match="no variance"):
+        stats.factorial_anova(df, "m", "scale", "lora")

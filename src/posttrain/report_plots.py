@@ -1,7 +1,8 @@
 """PNG plots for :mod:`posttrain.report` (matplotlib, Agg backend; no display needed).
 
-Every function writes one file and returns None, or returns a one-line reason and writes nothing when the data
-cannot make the plot (the report prints the reason instead of the image).
+Every function writes one file and returns its matplotlib Figure (closed, still readable: tests inspect its axes),
+or returns a one-line reason and writes nothing when the data cannot make the plot (the report prints the reason
+instead of the image). docs/design.md "Report".
 """
 
 from __future__ import annotations
@@ -37,15 +38,37 @@ def _t_interval(x: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")
     plt.close(fig)
+    return fig
+
+
+BASE_STYLE = {"color": "dimgray", "ls": "--", "lw": 1.0, "zorder": 1}
+
+
+def _base_line(ax, value: float | None) -> None:
+    """The untrained base's score as a dashed horizontal line labelled "base"."""
+    if value is not None and math.isfinite(value):
+        ax.axhline(value, label="base", **BASE_STYLE)
+
+
+def _dots_and_interval(ax, i: float, x: np.ndarray, color, jitter: np.random.Generator) -> None:
+    """One variant at x position ``i``: its seeds as dots, its mean and 95% t-interval (hollow mean for n = 1)."""
+    ax.scatter(i + jitter.uniform(-0.12, 0.12, x.size), x, s=14, color=color, alpha=0.6, zorder=2)
+    low, high = _t_interval(x)
+    mean = x.mean()
+    if math.isfinite(low):
+        ax.errorbar(i + 0.25, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="black", ms=4, capsize=3,
+                    zorder=3)
+    else:
+        ax.plot(i + 0.25, mean, "o", color="black", ms=4, mfc="white", zorder=3)
 
 
 def accuracy_plot(values: pd.DataFrame, metric: str, scales: Sequence[str], loras: Sequence[str],
-                  variants: Sequence[str], path: Path) -> str | None:
-    """One panel per (LoRA, scale): each variant's seeds as dots, its mean and 95% t-interval."""
+                  variants: Sequence[str], path: Path, *, base: dict | None = None):
+    """One panel per (LoRA, scale): each variant's seeds as dots, its mean and 95% t-interval; base: dashed."""
     if values.empty:
         return "no completed run reports this metric"
     colors = _colors(list(variants))
@@ -61,15 +84,8 @@ def accuracy_plot(values: pd.DataFrame, metric: str, scales: Sequence[str], lora
                 x = cell.loc[cell["variant"] == variant, metric].to_numpy(dtype=float)
                 if x.size == 0:
                     continue
-                ax.scatter(i + jitter.uniform(-0.12, 0.12, x.size), x, s=14, color=colors[variant], alpha=0.6,
-                           zorder=2)
-                low, high = _t_interval(x)
-                mean = x.mean()
-                if math.isfinite(low):
-                    ax.errorbar(i + 0.25, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="black",
-                                ms=4, capsize=3, zorder=3)
-                else:
-                    ax.plot(i + 0.25, mean, "o", color="black", ms=4, mfc="white", zorder=3)
+                _dots_and_interval(ax, i, x, colors[variant], jitter)
+            _base_line(ax, (base or {}).get(scale))
             ax.set_xticks(range(len(row_variants)))
             ax.set_xticklabels(row_variants, rotation=45, ha="right", fontsize=8)
             ax.set_xlim(-0.5, max(len(row_variants), 2) - 0.5)
@@ -77,12 +93,12 @@ def accuracy_plot(values: pd.DataFrame, metric: str, scales: Sequence[str], lora
             ax.grid(axis="y", alpha=0.3)
             if c == 0:
                 ax.set_ylabel(metric, fontsize=8)
-    fig.suptitle("seeds (dots), mean and 95% t-interval (black; hollow: n = 1)", fontsize=9)
-    _save(fig, path)
-    return None
+    fig.suptitle("seeds (dots), mean and 95% t-interval (black; hollow: n = 1); dashed: the untrained base",
+                 fontsize=9)
+    return _save(fig, path)
 
 
-def forest_plot(comparisons: pd.DataFrame, metric: str, path: Path, *, baseline: str | None) -> str | None:
+def forest_plot(comparisons: pd.DataFrame, metric: str, path: Path, *, baseline: str | None):
     """Differences of means with their bootstrap intervals, significant (after correction) in colour."""
     rows = comparisons[comparisons["metric"] == metric]
     if rows.empty:
@@ -103,11 +119,10 @@ def forest_plot(comparisons: pd.DataFrame, metric: str, path: Path, *, baseline:
     what = f"vs baseline {baseline}" if baseline else "all pairs"
     ax.set_title(f"{what}: red = significant after correction, gray = not, hollow = not testable", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
-    return None
+    return _save(fig, path)
 
 
-def rank_plot(means: dict[str, pd.DataFrame], metric: str, path: Path, *, lower_is_better: bool = False) -> str | None:
+def rank_plot(means: dict[str, pd.DataFrame], metric: str, path: Path, *, lower_is_better: bool = False):
     """Rank (1 = best) of each variant at each scale, one line per variant, one panel per LoRA setting."""
     panels = {lora: m for lora, m in means.items() if m.shape[1] >= 2}
     if not panels:
@@ -127,12 +142,13 @@ def rank_plot(means: dict[str, pd.DataFrame], metric: str, path: Path, *, lower_
         ax.set_title(f"{metric}, LoRA {lora}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(fig, path)
-    return None
+    return _save(fig, path)
 
 
-def interaction_plot(cells: dict[str, pd.DataFrame], metric: str, scales: Sequence[str], path: Path) -> str | None:
-    """Scale x LoRA interaction: mean +- sd at each scale, one line per LoRA setting, one panel per variant."""
+def interaction_plot(cells: dict[str, pd.DataFrame], metric: str, scales: Sequence[str], path: Path, *,
+                     base: dict | None = None):
+    """Scale x LoRA interaction: mean +- sd at each scale, one line per LoRA setting, one panel per variant; the
+    untrained base's score at each scale dotted in gray (``base[scale]``)."""
     if not cells:
         return "no variant has two or more scales with both LoRA on and off"
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.4), squeeze=False)
@@ -144,45 +160,90 @@ def interaction_plot(cells: dict[str, pd.DataFrame], metric: str, scales: Sequen
             mean = [x.mean() if x.size else math.nan for x in stats]
             sd = [x.std(ddof=1) if x.size > 1 else 0.0 for x in stats]
             ax.errorbar(range(len(present)), mean, yerr=sd, fmt=style, capsize=3, label=f"LoRA {lora}")
+        base_y = [(base or {}).get(s, math.nan) for s in present]
+        if any(math.isfinite(b) for b in base_y):
+            ax.plot(range(len(present)), base_y, ":", color=BASE_STYLE["color"], marker="_", label="base")
         ax.set_xticks(range(len(present)))
         ax.set_xticklabels(present)
         ax.set_title(variant, fontsize=9)
         ax.set_ylabel(metric, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("scale x LoRA: mean +- sd over seeds (non-parallel lines = interaction)", fontsize=9)
-    _save(fig, path)
-    return None
+    fig.suptitle("scale x LoRA: mean +- sd over seeds (non-parallel lines = interaction); gray: the untrained base",
+                 fontsize=9)
+    return _save(fig, path)
 
 
-def training_curves(curves: list[dict], scales: Sequence[str], path: Path) -> str | None:
-    """Training loss (and, for online methods, mean reward) per run: one column per scale, colour = variant."""
+def training_curves(curves: list[dict], scales: Sequence[str], path: Path):
+    """Training loss per run, one row of panels per algorithm (each its own y axis: DPO, SimPO and KTO losses are
+    not on one scale), one column per scale, colour = variant; online methods add a row of mean reward."""
     kinds = [k for k in ("loss_curve", "reward_curve") if any(c.get(k) for c in curves)]
     if not kinds:
         return "no result.json has train.loss_curve or train.reward_curve"
+    panels = [(algo, kind) for kind in kinds
+              for algo in sorted({c.get("algo") or c["variant"] for c in curves if c.get(kind)}, key=str)]
     present = [s for s in scales if any(c["scale"] == s and any(c.get(k) for k in kinds) for c in curves)]
-    variants = sorted({c["variant"] for c in curves}, key=str)
-    colors = _colors(variants)
-    fig, axes = plt.subplots(len(kinds), len(present), figsize=(4.6 * len(present), 3.2 * len(kinds)),
+    colors = _colors(sorted({c["variant"] for c in curves}, key=str))
+    fig, axes = plt.subplots(len(panels), len(present), figsize=(4.6 * len(present), 2.8 * len(panels)),
                              squeeze=False)
-    for r, kind in enumerate(kinds):
+    for r, (algo, kind) in enumerate(panels):
         for col, scale in enumerate(present):
             ax = axes[r][col]
             seen = set()
             for c in curves:
                 points = c.get(kind) or []
-                if c["scale"] != scale or not points:
+                if c["scale"] != scale or not points or (c.get("algo") or c["variant"]) != algo:
                     continue
                 steps, vals = zip(*points)
                 label = c["variant"] if c["variant"] not in seen else None
                 seen.add(c["variant"])
                 ax.plot(steps, vals, "-" if c["lora"] == "off" else "--", color=colors[c["variant"]], alpha=0.7,
                         lw=1, label=label)
-            ax.set_title(f"{scale}: {'loss' if kind == 'loss_curve' else 'mean reward'}", fontsize=9)
-            ax.set_xlabel("optimizer step", fontsize=8)
+            ax.set_title(f"{algo}, {scale}: {'loss' if kind == 'loss_curve' else 'mean reward'}", fontsize=9)
+            if r == len(panels) - 1:
+                ax.set_xlabel("optimizer step", fontsize=8)
             ax.grid(alpha=0.3)
             if seen:
                 ax.legend(fontsize=6)
-    fig.suptitle("training curves (solid: LoRA off, dashed: LoRA on)", fontsize=9)
-    _save(fig, path)
-    return None
+    fig.suptitle("training curves, one row per algorithm (losses of different algorithms are not comparable); "
+                 "solid: LoRA off, dashed: LoRA on", fontsize=9)
+    fig.subplots_adjust(hspace=0.4)
+    return _save(fig, path)
+
+
+def main_figure(values: dict[str, pd.DataFrame], metrics: Sequence[str], scales: Sequence[str],
+                loras: Sequence[str], base: dict, path: Path):
+    """The paper-style figure: a task (metric) x scale grid; in each panel every variant (x LoRA) with its seed dots
+    and 95% t-interval, the untrained base as a dashed line (``base[(metric, scale)]``)."""
+    metrics = [m for m in metrics if not values[m].empty]
+    if not metrics:
+        return "no completed run reports a study metric"
+    present = [s for s in scales if any(s in set(values[m]["scale"]) for m in metrics)]
+    both = len(loras) > 1
+    groups = sorted({(v, lo) for m in metrics for v, lo in zip(values[m]["variant"], values[m]["lora"])},
+                    key=lambda g: (g[1], str(g[0])))
+    colors = _colors(sorted({g[0] for g in groups}, key=str))
+    fig, axes = plt.subplots(len(metrics), len(present), figsize=(max(3.6, 0.5 * len(groups) + 1.6) * len(present),
+                                                                  3.0 * len(metrics)), squeeze=False)
+    jitter = np.random.default_rng(0)
+    for r, metric in enumerate(metrics):
+        v = values[metric]
+        for c, scale in enumerate(present):
+            ax = axes[r][c]
+            for i, (variant, lora) in enumerate(groups):
+                x = v.loc[(v["scale"] == scale) & (v["variant"] == variant) & (v["lora"] == lora),
+                          metric].to_numpy(dtype=float)
+                if x.size:
+                    _dots_and_interval(ax, i, x, colors[variant], jitter)
+            _base_line(ax, base.get((metric, scale)))
+            ax.set_xticks(range(len(groups)))
+            ax.set_xticklabels([f"{g[0]}{' +LoRA' if both and g[1] == 'on' else ''}" for g in groups], rotation=45,
+                               ha="right", fontsize=7)
+            ax.set_xlim(-0.5, max(len(groups), 2) - 0.5)
+            ax.grid(axis="y", alpha=0.3)
+            if r == 0:
+                ax.set_title(scale, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(metric.replace(",", "\n"), fontsize=7)
+    fig.suptitle("seeds (dots), mean and 95% t-interval (black); dashed: the untrained base", fontsize=9)
+    return _save(fig, path)
