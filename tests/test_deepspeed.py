@@ -120,7 +120,7 @@ def uneven_update(tok, rank: int, world_size: int, share: str, deepspeed=None):
     on all three. ``(loss, grad norm, trainable weights)``."""
     from posttrain.algorithms import get
     from posttrain.algorithms.memory import LoopMemory
-    from posttrain.algorithms.objectives import OBJECTIVES
+    from posttrain.algorithms.families import FAMILIES
     from posttrain.data.collate import collate
     from posttrain.models.engine import make_engine
     from posttrain.models.loading import Reference
@@ -134,7 +134,8 @@ def uneven_update(tok, rank: int, world_size: int, share: str, deepspeed=None):
     elif world_size > 1:
         first = {"2+1": 2, "3+0": 3}[share]
         batches = batches[:first] if rank == 0 else batches[first:]
-    loss, _, norm, _ = optimizer_update(engine, engine.model, Reference(None), OBJECTIVES["supervised"], get("sft"),
+    objective = FAMILIES["supervised"].objective
+    loss, _, norm, _ = optimizer_update(engine, engine.model, Reference(None), objective, get("sft"),
                                         {}, batches, LoopMemory())
     weights = full_weights(model)
     if hasattr(engine, "close"):
@@ -145,7 +146,8 @@ def uneven_update(tok, rank: int, world_size: int, share: str, deepspeed=None):
 def value_head_fit(rank: int, world_size: int) -> dict:
     """PPO's value head fitted on this rank's half of a rollout (all of it alone), after each rank's random stream
     went its own way: every rank must end with the head one process fits on the whole rollout."""
-    from posttrain.algorithms.online import ROLLOUT_DEFAULTS, ValueHead, _fit_value_head
+    from posttrain.algorithms.critic import ValueHead, fit_value_head
+    from posttrain.algorithms.hparams import ROLLOUT_DEFAULTS
 
     g = torch.Generator().manual_seed(0)
     hidden, width = 8, 5
@@ -154,8 +156,8 @@ def value_head_fit(rank: int, world_size: int) -> dict:
     rows = [0, 1, 2, 3] if world_size == 1 else ([0, 1] if rank == 0 else [2, 3])
     torch.manual_seed(100 + rank)  # as after sampling different amounts per rank
     critic = ValueHead(hidden, 1e-2, "cpu", seed=7)
-    _fit_value_head(critic.head, critic.optimizer, [(slice(0, len(rows)), width + 1, h[rows])],
-                    torch.zeros(len(rows), width), returns[rows], mask[rows], dict(ROLLOUT_DEFAULTS))
+    fit_value_head(critic.head, critic.optimizer, [(slice(0, len(rows)), width + 1, h[rows])],
+                   torch.zeros(len(rows), width), returns[rows], mask[rows], dict(ROLLOUT_DEFAULTS))
     return {n: p.detach().clone() for n, p in critic.head.named_parameters()}
 
 

@@ -76,10 +76,10 @@ def weights(model) -> dict:
 def annotated_step(examples, tr, step=0, seed=0, rank=0, world_size=1):
     """The loop's own micro-batches of batch ``step``, annotated by the unpaired family's step hook."""
     from posttrain.algorithms import get
-    from posttrain.algorithms.objectives import STEP_HOOKS
+    from posttrain.algorithms import families
     from posttrain.train import step_batches
 
-    annotate = STEP_HOOKS["unpaired"](get("kto"), {}, pool=examples, seed=seed)
+    annotate = families.of(get("kto")).step_hook(get("kto"), {}, pool=examples, seed=seed)
     return list(step_batches(examples, tr, seed, step, step + 1, rank, world_size, annotate))[0]
 
 
@@ -90,7 +90,7 @@ def uneven_anchor(tok, rank: int, world_size: int, deepspeed) -> dict:
     runs one-token forwards): z0 and the own rows' reference log-probs."""
     from posttrain.algorithms import get
     from posttrain.algorithms.memory import LoopMemory
-    from posttrain.algorithms.objectives import PREPARERS
+    from posttrain.algorithms import families
     from posttrain.models.engine import make_engine
     from posttrain.models.loading import Reference
 
@@ -100,8 +100,9 @@ def uneven_anchor(tok, rank: int, world_size: int, deepspeed) -> dict:
     model = random_qwen2(len(tok), 0)
     engine = make_engine(model, trainer(), 1, deepspeed)
     reference = Reference(random_qwen2(len(tok), 1))
-    [batches], _ = PREPARERS["unpaired"](engine.model, reference, tok, get("kto"), {}, micro_batches, max_length=64,
-                                         seed=0, step=0, memory=LoopMemory(), pool=STEP)
+    prepare = families.of(get("kto")).prepare
+    [batches], _ = prepare(engine.model, reference, tok, get("kto"), {}, micro_batches, max_length=64,
+                           seed=0, step=0, memory=LoopMemory(), pool=STEP)
     out = {"z0": float(batches[0]["kl_anchor"]), "ref_logps": [float(v) for b in batches for v in b["ref_logps"]],
            "reference_calls": reference.calls}
     if hasattr(engine, "close"):
@@ -297,14 +298,15 @@ def test_bco_first_step_shifts_by_the_whole_steps_mean(plain, tok):
 
 def test_kto_objective_refuses_a_batch_without_the_steps_anchor(tok):
     from posttrain.algorithms import get
-    from posttrain.algorithms.objectives import OBJECTIVES, StepContext
+    from posttrain.algorithms import families
+    from posttrain.algorithms.objectives import StepContext
     from posttrain.data.collate import collate
     from posttrain.models.loading import Reference
 
     batch = collate("unpaired", tok, STEP[:2], 64)
     with pytest.raises(ValueError, match="kl_anchor"):
-        OBJECTIVES["unpaired"](random_qwen2(len(tok)), Reference(random_qwen2(len(tok), 1)), batch, get("kto"), {},
-                               StepContext(examples=2, tokens=1))
+        families.FAMILIES["unpaired"].objective(random_qwen2(len(tok)), Reference(random_qwen2(len(tok), 1)), batch,
+                                                get("kto"), {}, StepContext(examples=2, tokens=1))
 
 
 def test_resume_equals_uninterrupted_with_partners_drawn_from_the_pool(tok, tmp_path):

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from posttrain import losses
 from posttrain.algorithms import get
 from posttrain.algorithms.memory import LoopMemory, RunningMean
-from posttrain.algorithms.objectives import (OBJECTIVES, StepContext, offline_batches, prime_memory,
+from posttrain.algorithms.families import FAMILIES
+from posttrain.algorithms.objectives import (StepContext, offline_batches, prime_memory,
                                              sequence_logps)
 from posttrain.data.tokenizer import build_char_tokenizer
 from posttrain.models.loading import Reference
@@ -78,7 +79,7 @@ def test_betadpo_uses_the_loops_ema_of_the_margins_after_the_first_step(tok):
     expected_mu = None
     for step, batch in enumerate(batches):
         ctx = StepContext(examples=4, tokens=1, memory=memory)
-        loss, stats = OBJECTIVES["pairwise"](policy, reference, batch, algo, {"beta": 0.1, "a": 0.5}, ctx)
+        loss, stats = FAMILIES["pairwise"].objective(policy, reference, batch, algo, {"beta": 0.1, "a": 0.5}, ctx)
         # by hand: the margins of this batch, and the loss with mu = the batch mean (step 0) or the EMA (later)
         seq, _ = sequence_logps(policy, batch)
         with torch.no_grad():
@@ -97,7 +98,7 @@ def test_a_number_set_for_a_running_hyperparameter_fixes_it(tok):
     policy = random_qwen2(len(tok), 0)
     memory = LoopMemory()
     batch = _batch(tok, "betadpo", PAIRS[:4])
-    OBJECTIVES["pairwise"](policy, Reference(random_qwen2(len(tok), 1)), batch, get("betadpo"),
+    FAMILIES["pairwise"].objective(policy, Reference(random_qwen2(len(tok), 1)), batch, get("betadpo"),
                            {"margin_mean": 0.5}, StepContext(examples=4, tokens=1, memory=memory))
     assert memory.state_dict() == {}, "no running statistic is kept when the run fixes the value"
 
@@ -120,7 +121,7 @@ def test_unpaired_bco_shifts_by_the_running_mean_of_the_implicit_rewards(tok):
     for chunk in (UNPAIRED[:4], UNPAIRED[4:8], UNPAIRED[8:]):
         batch = _batch(tok, "bco_unpaired", chunk)
         delta = None if not step_means else sum(step_means) / len(step_means)
-        loss, _ = OBJECTIVES["unpaired"](policy, reference, batch, algo, {"beta": beta},
+        loss, _ = FAMILIES["unpaired"].objective(policy, reference, batch, algo, {"beta": beta},
                                          StepContext(examples=4, tokens=1, memory=memory))
         seq, _ = sequence_logps(policy, batch)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Online methods in the one training loop: the rollout phase (prepare_online), the online objective, the registry
+"""Online methods in the one training loop: the rollout phase (the online Families' prepare), their objectives, the
 entries and their configs, DAPO's dynamic sampling, and (slow) a reward-raising run and an end-to-end launch."""
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from posttrain.algorithms import ALGORITHMS, get
-from posttrain.algorithms.objectives import OBJECTIVES, PREPARERS, StepContext, token_logps
-from posttrain.algorithms.online import (ROLLOUT_DEFAULTS, _sampling_seed, _score, online, prepare_online,
-                                         schedule_updates, split_hparams, updates_per_step)
+from posttrain.algorithms import families
+from posttrain.algorithms.hparams import ROLLOUT_DEFAULTS
+from posttrain.algorithms.objectives import StepContext, token_logps
+from posttrain.algorithms.online import (policy_gradient_objective, prepare_pairwise, prepare_policy_gradient,
+                                         prepare_supervised, schedule_updates, split_hparams, updates_per_step)
+from posttrain.rollout.groups import sampling_seed as _sampling_seed, score_completions as _score
 from posttrain.data.tokenizer import build_char_tokenizer
 from posttrain.losses.advantages import group_zscore
 from posttrain.models.loading import Reference
@@ -68,7 +71,7 @@ def _prepare_updates(model, tok, name, hp=None, reference=None, examples=PROMPTS
                      pool=None):
     algo = get(name)
     mbs = [examples[i:i + split] for i in range(0, len(examples), split)]
-    return prepare_online(model, reference or Reference(None), tok, algo, {**HP, **(hp or {})}, mbs,
+    return families.of(algo).prepare(model, reference or Reference(None), tok, algo, {**HP, **(hp or {})}, mbs,
                           max_length=64, seed=0, step=step, memory=memory, pool=pool)
 
 
@@ -92,8 +95,13 @@ def _run(tok, name, hp=None, trainer=None, examples=PROMPTS, model=None, **kw):
 # ------------------------------------------------------------------------------------------------ the rollout phase
 
 
-def test_the_loop_finds_the_online_family():
-    assert OBJECTIVES["online"] is online and PREPARERS["online"] is prepare_online
+def test_the_loop_finds_the_online_families():
+    for name in ONLINE:
+        assert families.of(get(name)).name.startswith("online_")
+    assert families.of(get("sgrpo")).objective is policy_gradient_objective
+    assert families.of(get("sgrpo")).prepare is prepare_policy_gradient
+    assert families.of(get("spin")).prepare is prepare_pairwise
+    assert families.of(get("rft")).prepare is prepare_supervised
 
 
 def test_preparer_builds_padded_micro_batches_of_the_policys_own_samples(tok):
@@ -135,7 +143,8 @@ def test_advantage_reaches_every_completion_token_and_the_first_pass_ratio_is_ex
     batches, _ = _prepare(model, tok, "sgrpo")
     b = batches[0]
     total = int(sum(x["completion_mask"][:, 1:].sum() for x in batches))
-    loss, stats = online(model, Reference(None), b, get("sgrpo"), HP, StepContext(examples=32, tokens=total))
+    loss, stats = policy_gradient_objective(model, Reference(None), b, get("sgrpo"), HP,
+                                            StepContext(examples=32, tokens=total))
     assert stats["pg/ratio_mean"] == 1.0 and stats["pg/ratio_max"] == 1.0 and stats["pg/clip_frac"] == 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
@@ -154,11 +163,12 @@ def test_reference_runs_only_when_a_kl_needs_it(tok):
     ref = Reference(model)  # enabled, so a stray forward would be counted
     batches, _ = _prepare(model, tok, "sgrpo", reference=ref)
     for b in batches:
-        online(model, ref, b, get("sgrpo"), HP, StepContext(examples=8, tokens=10))
+        policy_gradient_objective(model, ref, b, get("sgrpo"), HP, StepContext(examples=8, tokens=10))
     assert ref.calls == 0 and all("ref_logps" not in b for b in batches)
     batches, _ = _prepare(model, tok, "sgrpo", {"kl_coef": 0.1}, reference=ref)
     assert ref.calls == 1 and all(b["ref_logps"].shape == b["input_ids"][:, 1:].shape for b in batches)
-    loss, stats = online(model, ref, batches[0], get("sgrpo"), HP, StepContext(examples=8, tokens=10))
+    loss, stats = policy_gradient_objective(model, ref, batches[0], get("sgrpo"), HP,
+                                            StepContext(examples=8, tokens=10))
     assert stats["pg/kl_ref"] == pytest.approx(0.0, abs=1e-6), "the reference is the policy itself here"
     _, state, ref = _run(tok, "sgrpo", trainer=_trainer(max_steps=2))  # Reference(None): a forward would raise
     assert ref.calls == 0 and state.step == 2 and len(state.reward_curve) == 2
@@ -187,7 +197,7 @@ def test_hparams_split_by_the_loss_spec_and_unknown_keys_are_refused():
         split_hparams(get("sgrpo"), {"nope": 1})
     with pytest.raises(ValueError, match="unknown reward"):
         split_hparams(get("sgrpo"), {"rewards": {"strictly": 1.0}})
-    with pytest.raises(ValueError, match="unknown advantage"):
+    with pytest.raises(ValueError, match="algo.advantage must be one of"):
         split_hparams(get("sgrpo"), {"advantage": "vtrace"})
 
 
@@ -197,7 +207,7 @@ def test_every_online_entry_has_its_config_and_they_agree():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name in ONLINE:
             algo = ALGORITHMS[name]
-            assert (algo.family, algo.category) == ("online", "online")
+            assert (algo.meta()["family"], algo.category) == ("online", "online")
             assert algo.data == ("gold" if name == "spin" else "prompts")
             cfg = compose("config", overrides=[f"algo={name}"])
             hp = OmegaConf.to_container(cfg.algo, resolve=True)
@@ -338,9 +348,10 @@ def test_an_update_without_data_on_any_rank_moves_nothing_but_the_schedule(tok):
     model = _model(tok)
     engine = make_engine(model, _trainer(weight_decay=0.1, schedule="cosine", warmup_ratio=0.0), 10)
     batches, _ = _prepare(model, tok, "sgrpo")
-    optimizer_update(engine, model, Reference(None), online, get("sgrpo"), HP, batches, LoopMemory())
+    objective = policy_gradient_objective
+    optimizer_update(engine, model, Reference(None), objective, get("sgrpo"), HP, batches, LoopMemory())
     before, lr = copy.deepcopy(model.state_dict()), engine.lr
-    assert optimizer_update(engine, model, Reference(None), online, get("sgrpo"), HP, [], LoopMemory()) == \
+    assert optimizer_update(engine, model, Reference(None), objective, get("sgrpo"), HP, [], LoopMemory()) == \
         (0.0, {}, 0.0, 0)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)

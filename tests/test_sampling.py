@@ -172,7 +172,8 @@ def test_stop_ids_are_the_union_and_the_record_says_what_ran(tok, tmp_path):
 
 
 def test_online_rollouts_stop_at_the_stop_strings_their_prompts_carry(tok):
-    from posttrain.algorithms.online import ROLLOUT_DEFAULTS, _sample_groups
+    from posttrain.algorithms.hparams import ROLLOUT_DEFAULTS
+    from posttrain.rollout.groups import sample_groups as _sample_groups
 
     model = scripted(qwen_like(tok), [_ids(tok, "#### 5\n\nQuestion: next ")])
     examples = [{"prompt": "Q?", "answer": "5", "stop_strings": ["Question:"]}]  # as make_examples gives them

@@ -5,7 +5,9 @@ seeded order) let the family prepare its optimizer updates (offline: tokenise, o
 phase -- generate from the current policy, score, compute advantages -- then ``num_iterations`` x
 ``num_minibatches`` updates on the same samples), and for each update ask the family objective for each
 micro-batch's loss, backward, step, log; checkpoint between batches. Nothing here knows an algorithm's name; the
-registry entry says which family objective, which data kind and whether a reference is needed.
+registry entry names its Family record (``families.of(algo)``: prepare, objective, updates per batch, step hook),
+its data kind and whether a reference is needed; its hyperparameters are validated once
+(posttrain.algorithms.hparams).
 
 ``state.step`` counts optimizer steps (``trainer.max_steps`` caps them), ``state.batches`` batches of examples
 (= rollouts for online methods). State an algorithm carries across steps (beta-DPO's margin EMA, BCO's delta, PPO's
@@ -30,9 +32,10 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.algorithms import families
+from posttrain.algorithms.hparams import validate
 from posttrain.algorithms.memory import LoopMemory
-from posttrain.algorithms.objectives import (OBJECTIVES, PREPARERS, STEP_HOOKS, UPDATES_PER_STEP, StepContext,
-                                             prime_memory)
+from posttrain.algorithms.objectives import StepContext, prime_memory
 from posttrain.algorithms.reference_sync import ReferenceSync, ReferenceWeights, split_loop_options, sync_reference
 from posttrain.models.distributed import world_size
 from posttrain.models.engine import gathered, make_engine
@@ -71,7 +74,7 @@ def step_batches(examples: list, trainer, seed: int, start_batch: int, total_bat
                  world_size: int = 1, annotate: Callable[[list, int], list] | None = None) -> Iterator[list[list]]:
     """The micro-batches of each batch of examples (``micro_batch_size * grad_accum``: one optimizer step's worth,
     or one rollout's) from ``start_batch`` to ``total_batches``: a seeded permutation per epoch. ``annotate(examples,
-    batch index)`` (the family's ``STEP_HOOKS`` entry) sees each whole batch before it is split.
+    batch index)`` (the family's ``step_hook``) sees each whole batch before it is split.
 
     With ``world_size`` ranks, each rank takes its share of every step's micro-batches (``trainer.grad_accum`` counts
     the micro-batches of a step over all ranks, so the effective batch does not depend on the number of GPUs).
@@ -203,19 +206,23 @@ def train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tra
     # without a checkpoint directory there is nothing to save: the signal keeps whatever handler it had
     watch = Preemption(trainer.get("checkpoint_minutes", 30)) if checkpoint_dir is not None else nullcontext()
     with watch as preempt:
-        return _train(policy, reference, tokenizer, algo, hparams, examples, trainer, max_length=max_length,
-                      seed=seed, log=log, checkpoint_dir=checkpoint_dir, progress=progress, deepspeed=deepspeed,
-                      fingerprint=fingerprint, preempt=preempt)
+        try:
+            return _train(policy, reference, tokenizer, algo, hparams, examples, trainer, max_length=max_length,
+                          seed=seed, log=log, checkpoint_dir=checkpoint_dir, progress=progress, deepspeed=deepspeed,
+                          fingerprint=fingerprint, preempt=preempt)
+        except BaseException as exc:  # Ctrl-C, SIGTERM, a failure: the caller records the steps done (run.py)
+            exc.train_state = getattr(preempt, "state", None)
+            raise
 
 
 def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, trainer, *, max_length: int, seed: int,
            log, checkpoint_dir: Path | None, progress: bool, deepspeed, fingerprint: str | None,
            preempt: Preemption | None) -> TrainState:
-    loop_options, hparams = split_loop_options(algo, hparams)
+    family = families.of(algo)
+    loop_options, hparams = split_loop_options(algo, validate(algo.name, hparams))
     sync = ReferenceSync.from_options(loop_options, reference, algo.name)
-    objective = OBJECTIVES[algo.loop_objective]
-    prepare = PREPARERS[algo.family]
-    updates_per_batch = int(UPDATES_PER_STEP[algo.family](algo, hparams, int(trainer.grad_accum) // world_size()))
+    objective = family.objective
+    updates_per_batch = int(family.updates_per_batch(algo, hparams, int(trainer.grad_accum) // world_size()))
     batches_per_epoch, total = plan(len(examples), trainer, updates_per_batch)
     total_batches = math.ceil(total / updates_per_batch)
     engine = make_engine(policy, trainer, total, deepspeed, checkpoint_dir=checkpoint_dir)
@@ -227,6 +234,11 @@ def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tr
     if saved is not None:
         state, memory = saved
         state.resumed_from = state.step
+        if engine.rank == 0:
+            print(f"[resumed] training continues from step {state.step} of {total}: {ckpt_path} holds an interrupted "
+                  "run of this config", flush=True)
+    if preempt is not None:
+        preempt.state = state  # live: an exception out of the loop carries the steps done (train() above)
     prime_memory(algo, hparams, memory)
     if sync.every is not None:  # a moving reference is part of the run's state (restored here on resume)
         memory.get("reference", lambda: ReferenceWeights(reference))
@@ -234,14 +246,14 @@ def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tr
     policy.train()
     bar = tqdm(total=total, initial=state.step, desc=f"training {algo.name}", unit="step",
                disable=not progress or engine.rank != 0)
-    annotate = STEP_HOOKS[algo.family](algo, hparams, pool=examples, seed=seed)
+    annotate = family.step_hook(algo, hparams, pool=examples, seed=seed)
     for micro_batches in step_batches(examples, trainer, seed, state.batches, total_batches, engine.rank,
                                       engine.world_size, annotate):
         started, step_before = time.perf_counter(), state.step
         with engine.autocast():
-            updates, rollout_stats = prepare(model, reference, tokenizer, algo, hparams, micro_batches,
-                                             max_length=max_length, seed=seed, step=state.batches, memory=memory,
-                                             pool=examples)
+            updates, rollout_stats = family.prepare(model, reference, tokenizer, algo, hparams, micro_batches,
+                                                    max_length=max_length, seed=seed, step=state.batches,
+                                                    memory=memory, pool=examples, collectives=engine)
         rollout_stats = engine.mean_over_ranks(rollout_stats)
         reward = rollout_stats.get("reward_mean")
         for update in updates[: total - state.step]:

@@ -4,7 +4,7 @@ Most objectives are stateless: a step's loss depends on the weights and the step
 
 - beta-DPO's running mean of the reward margins (Wu et al., NeurIPS 2024, arXiv 2407.08639: an EMA, momentum 0.9);
 - BCO's running mean ``delta`` of the implicit rewards (Jung et al. 2024, arXiv 2404.04656; TRL's ``RunningMoments``);
-- PPO's value head and its optimizer (algorithms/online.py).
+- PPO's value head and its optimizer (algorithms/critic.py).
 
 The loop owns one :class:`LoopMemory` per run. Objectives ask it for named objects (``memory.get(key, factory)``);
 each object has ``state_dict`` / ``load_state_dict``, so the loop's checkpoint holds them and a resumed run continues

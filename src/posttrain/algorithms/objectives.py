@@ -1,4 +1,7 @@
-"""One objective per family: what the training loop computes on a micro-batch (no algorithm names here).
+"""The offline families' parts: what the training loop computes on a micro-batch (no algorithm names here).
+
+The Family records of posttrain.algorithms.families put these together (``prepare``, ``objective``,
+``updates_per_batch``, ``step_hook``); the online families' parts are in posttrain.algorithms.online.
 
 Each objective is ``fn(policy, reference, batch, algo, hparams, ctx) -> (loss, stats)``. ``loss`` is already
 scaled for gradient accumulation: per-example losses are summed and divided by the example count of the whole
@@ -7,8 +10,8 @@ depend on how a step is split into micro-batches. Log-probs are computed in floa
 vocabulary, prompt and padding masked (docs/algorithms.md 0 and 6).
 
 A statistic of the whole step (KTO's reference point z0; BCO's first-step delta) is computed before the step's
-first backward by the family's preparer (``PREPARERS``), from examples the family's ``STEP_HOOKS`` entry annotated
-on the whole step, and reaches every micro-batch's objective with its batch.
+first backward by the family's ``prepare``, from examples the family's ``step_hook`` annotated on the whole step,
+and reaches every micro-batch's objective with its batch.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from posttrain import losses
-from posttrain.losses._common import lookup
+from posttrain.algorithms.hparams import PAIRWISE_OPTIONS
 from posttrain.algorithms.memory import LoopMemory, RunningMean
-from posttrain.algorithms.online import online, prepare_online, updates_per_step
+from posttrain.losses._common import check_hparams
 from posttrain.data.collate import collate, mismatched_partners, mismatched_rows
-from posttrain.models import distributed
+from posttrain.models.engine import PROCESS_GROUP
 from posttrain.models.logps import logps_from_logits, sequence_logps, shifted_logits, token_logps
 
 
@@ -72,14 +75,10 @@ def _reference_logps(reference, batch: dict) -> torch.Tensor:
 def supervised(policy, reference, batch, algo, hparams, ctx):
     """SFT: token NLL over completion tokens, normalised by the accumulated step's token count."""
     mask = batch["completion_mask"][:, 1:]
-    lp = token_logps(policy, batch["input_ids"], batch["attention_mask"])
+    lp = token_logps(policy, batch["input_ids"], batch["attention_mask"], completion_mask=mask)
     loss = losses.token_nll(lp, mask, num_items=ctx.tokens)
     nll = -(lp * mask).sum() / mask.sum().clamp_min(1)
     return loss, {"nll": nll.item(), "logps/completion": ((lp * mask).sum(-1)).mean().item()}
-
-
-#: Options that combine with any pairwise loss (``+algo.wpo=true``, ``+algo.ld_alpha=0.5``); not loss hparams.
-PAIRWISE_OPTIONS = ("wpo", "ld_alpha")
 
 
 def _pair_logps(token_lp: torch.Tensor, mask: torch.Tensor, n: int, ld_alpha) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +101,11 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
     wpo, ld_alpha = bool(hparams.get("wpo", False)), hparams.get("ld_alpha")
     loss_hp = {k: v for k, v in hparams.items() if k not in PAIRWISE_OPTIONS}
     mask = batch["completion_mask"][:, 1:].float()
-    logits = shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
-    token_lp = logps_from_logits(logits, batch["input_ids"])
+    if wpo:  # WPO weighs by each position's whole next-token distribution: full-vocabulary logits
+        logits = shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
+        token_lp = logps_from_logits(logits, batch["input_ids"])
+    else:  # the LM head on completion positions only (models/logps.py)
+        token_lp = token_logps(policy, batch["input_ids"], batch["attention_mask"], completion_mask=mask)
     chosen, rejected = _pair_logps(token_lp, mask, n, ld_alpha)
     lengths = mask.sum(-1)
     ref_chosen = ref_rejected = None
@@ -111,9 +113,9 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
         ref_tok = batch.get("ref_token_logps")  # online pairs: computed in the rollout phase
         if ref_tok is None:
             with reference.active() as ref_model:
-                ref_tok = token_logps(ref_model, batch["input_ids"], batch["attention_mask"])
+                ref_tok = token_logps(ref_model, batch["input_ids"], batch["attention_mask"], completion_mask=mask)
         ref_chosen, ref_rejected = _pair_logps(ref_tok, mask, n, ld_alpha)
-    spec = lookup(losses.PAIRWISE_LOSSES, algo.loss, "pairwise")
+    spec = algo.loss_spec
     loss_hp, observers = _running(spec, loss_hp, ctx.memory)
     inputs, fn_hp = losses.pairwise_inputs(algo.loss, chosen, rejected, ref_chosen, ref_rejected,
                                            chosen_len=lengths[:n], rejected_len=lengths[n:], **loss_hp)
@@ -139,10 +141,8 @@ def token_pairwise(policy, reference, batch, algo, hparams, ctx):
     """TDPO (Zeng et al., ICML 2024, arXiv 2404.11999): the pairwise margin plus each side's sequential forward KL
     between reference and policy over the full vocabulary, so the reference's logits are kept, not just log-probs."""
     n = batch["pairs"]
-    spec = losses.TOKEN_PAIRWISE_LOSSES[algo.loss]
-    unknown = sorted(set(hparams) - set(spec.defaults))
-    if unknown:
-        raise ValueError(f"{algo.loss}: unknown hyperparameter(s) {unknown}; accepted: {sorted(spec.defaults)}")
+    spec = algo.loss_spec
+    check_hparams(spec, algo.loss, "token_pairwise", hparams)  # the losses' own guard, as pairwise_inputs
     mask = batch["completion_mask"][:, 1:].float()
     logits = shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
     with reference.active() as ref_model:
@@ -164,11 +164,11 @@ def unpaired(policy, reference, batch, algo, hparams, ctx):
     means that stand in for running statistics not yet committed (``step_means``: BCO's delta). Without them (a batch
     from ``collate`` alone) the reference runs here, and a running statistic's first value is the batch's own mean.
     """
-    spec = lookup(losses.UNPAIRED_LOSSES, algo.loss, "unpaired")
+    spec = algo.loss_spec
     anchor = batch.get("kl_anchor")
     if spec.needs_kl_anchor and anchor is None:
         raise ValueError(f"unpaired loss {algo.loss!r} needs the step's kl_anchor (z0): prepare the step's batches "
-                         "with PREPARERS['unpaired'] (unpaired_batches), not with collate alone")
+                         "with the unpaired Family's prepare (unpaired_batches), not with collate alone")
     seq, lengths = sequence_logps(policy, batch)
     ref = batch.get("ref_logps")
     if ref is None:
@@ -187,7 +187,7 @@ def unpaired(policy, reference, batch, algo, hparams, ctx):
 
 
 def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                    memory=None, pool=None):
+                    memory=None, pool=None, collectives=PROCESS_GROUP):
     """Offline families: tokenise each micro-batch of examples into ONE optimizer update; no rollout statistics."""
     batches = []
     for mb in micro_batches:
@@ -198,13 +198,13 @@ def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, 
 
 
 def unpaired_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                     memory=None, pool=None):
-    """PREPARERS["unpaired"]: tokenise as ``offline_batches``, then run the step's no-grad pass where the loss needs
-    a statistic of the whole step, and hand its results to every micro-batch (see ``unpaired``).
+                     memory=None, pool=None, collectives=PROCESS_GROUP):
+    """The unpaired Family's ``prepare``: tokenise as ``offline_batches``, then run the step's no-grad pass where the
+    loss needs a statistic of the whole step, and hand its results to every micro-batch (see ``unpaired``).
 
     KTO's reference point (``needs_kl_anchor``): ``z0 = max(0, sum / count)`` of ``S_theta(y'|x) - S_ref(y'|x)`` over
     the step's mismatched pairs (partners from :func:`~posttrain.data.collate.mismatched_partners`, annotated by the
-    ``STEP_HOOKS`` entry), the sum and count all-reduced over the ranks, clamped after averaging
+    family's ``step_hook``), the sum and count all-reduced over the ranks, clamped after averaging
     (``losses.kto_kl_anchor``), the same detached value in every micro-batch's loss. This is the paper's estimate
     over the step's batch; TRL averages per-device means of one micro-batch each (its ``gather_for_metrics(kl)``),
     so its z0 changes with the accumulation split and the device count, and ours does not.
@@ -221,11 +221,11 @@ def unpaired_batches(policy, reference, tokenizer, algo, hparams, micro_batches,
     """
     updates, stats = offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches,
                                      max_length=max_length, seed=seed, step=step)
-    spec = lookup(losses.UNPAIRED_LOSSES, algo.loss, "unpaired")
+    spec = algo.loss_spec
     hp, observers = _running(spec, hparams, memory)
     first = [(key, running) for key, stat, running in observers if stat.value is None]
     if spec.needs_kl_anchor or first:
-        _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, updates[0], first, max_length)
+        _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, updates[0], first, max_length, collectives)
     return updates, stats
 
 
@@ -240,11 +240,12 @@ def _one_token_forward(model, device) -> None:
 
 
 @torch.no_grad()
-def _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, batches, first, max_length) -> None:
-    spec = losses.UNPAIRED_LOSSES[algo.loss]
+def _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, batches, first, max_length,
+               collectives) -> None:
+    spec = algo.loss_spec
     anchor = spec.needs_kl_anchor
     device = next(policy.parameters()).device
-    passes = int(distributed.all_reduce_max([len(micro_batches)])[0])
+    passes = int(collectives.all_reduce_max([len(micro_batches)])[0])
     kl_sum, kl_count, own = 0.0, 0, []
     for mb, batch in zip(micro_batches, batches):
         n = len(mb)
@@ -270,7 +271,7 @@ def _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, batches, f
         _one_token_forward(policy, device)
     z0 = None
     if anchor:
-        total, count = distributed.all_reduce_sum([kl_sum, kl_count])
+        total, count = collectives.all_reduce_sum([kl_sum, kl_count])
         z0 = losses.kto_kl_anchor(torch.tensor(total / max(count, 1.0), dtype=torch.float64), torch.tensor(0.0))
         z0 = z0.float()
         for batch in batches:
@@ -284,16 +285,16 @@ def _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, batches, f
                 values = running.observe(inputs, fn_hp).detach().double()
                 sums[2 * k] += float(values.sum())
                 sums[2 * k + 1] += values.numel()
-        sums = distributed.all_reduce_sum(sums)
+        sums = collectives.all_reduce_sum(sums)
         means = {key: sums[2 * k] / sums[2 * k + 1] for k, (key, _) in enumerate(first) if sums[2 * k + 1]}
         for batch in batches:
             batch["step_means"] = means
 
 
 def kto_partners(algo, hparams, *, pool: list, seed: int):
-    """STEP_HOOKS["unpaired"]: for a loss that needs KTO's z0, ``fn(step's examples, step) -> examples`` annotated
-    with their mismatched partners (:func:`~posttrain.data.collate.mismatched_partners`); None otherwise."""
-    if not lookup(losses.UNPAIRED_LOSSES, algo.loss, "unpaired").needs_kl_anchor:
+    """The unpaired Family's ``step_hook``: for a loss that needs KTO's z0, ``fn(step's examples, step) -> examples``
+    annotated with their mismatched partners (:func:`~posttrain.data.collate.mismatched_partners`); None otherwise."""
+    if not algo.loss_spec.needs_kl_anchor:
         return None
     return lambda examples, step: mismatched_partners(examples, pool, seed=seed, step=step)
 
@@ -304,21 +305,3 @@ def no_step_hook(algo, hparams, *, pool: list, seed: int):
 
 def one_update(algo, hparams, micro_batches_per_rank: int | None = None) -> int:
     return 1
-
-
-#: Family -> objective. The loop looks the family up here; there is no chain over algorithm names.
-OBJECTIVES = {"supervised": supervised, "pairwise": pairwise, "token_pairwise": token_pairwise, "unpaired": unpaired,
-              "online": online}
-#: Family -> how a step's examples become optimizer updates: ``fn(...) -> ([[micro-batch, ...], ...], stats)``, one
-#: inner list per update, each micro-batch carrying ``examples`` (its share of the update's example count). Offline:
-#: one update per batch of examples; online: the rollout phase, then ``num_iterations`` x ``num_minibatches`` updates.
-PREPARERS = {"supervised": offline_batches, "pairwise": offline_batches, "unpaired": unpaired_batches,
-             "online": prepare_online}
-#: Family -> ``fn(algo, hparams, micro-batches per rank and step) -> optimizer updates per batch of examples`` (the
-#: loop's schedule needs it upfront; the online one refuses minibatches the step's micro-batches cannot fill).
-UPDATES_PER_STEP = {"supervised": one_update, "pairwise": one_update, "unpaired": one_update,
-                    "online": updates_per_step}
-#: Family -> ``fn(algo, hparams, *, pool, seed) -> annotate | None``: ``annotate(step's examples, step) -> examples``
-#: runs on each optimizer step's examples before the loop splits them into micro-batches and ranks (``step_batches``),
-#: for what must be decided on the whole step (KTO's mismatched partners).
-STEP_HOOKS = {"supervised": no_step_hook, "pairwise": no_step_hook, "unpaired": kto_partners, "online": no_step_hook}

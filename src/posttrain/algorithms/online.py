@@ -1,25 +1,26 @@
-"""Online methods in the one training loop: the rollout phase and the objective of the ``online`` family.
+"""Online methods in the one training loop: the rollout phase and the objectives of the three online families.
 
-``prepare_online`` is the family's PREPARERS entry. For the optimizer step's examples (data kind ``prompts``:
-``{prompt, answer}``; SPIN's ``gold``: ``{prompt, completion}``) it samples ``num_samples`` completions per prompt
-from the CURRENT policy with :func:`posttrain.rollout.sample` (seeded by run seed and step, so a resumed run
-regenerates the same rollouts), scores them with :mod:`posttrain.rewards`, and turns them into padded micro-batches
-for the objective the registry entry names (``Algorithm.objective``):
+The online Family records (posttrain.algorithms.families) are parts of this module: ``prepare_policy_gradient``,
+``prepare_pairwise`` and ``prepare_supervised`` are their ``prepare`` fields. For the optimizer step's examples (data
+kind ``prompts``: ``{prompt, answer}``; SPIN's ``gold``: ``{prompt, completion}``) it samples ``num_samples``
+completions per prompt from the CURRENT policy with :func:`posttrain.rollout.sample` (seeded by run seed and step, so a
+resumed run regenerates the same rollouts), scores them with :mod:`posttrain.rewards`, and turns them into padded
+micro-batches for the family the registry entry names (sampling and scoring: :mod:`posttrain.rollout.groups`):
 
-- ``policy_gradient`` (sgrpo, gspo, cispo, grpo, dr_grpo, dapo, rloo, reinforce_pp, remax, ppo): advantages by the
-  entry's ``advantage`` estimator (group z-score, leave-one-out, REINFORCE++, ReMax's greedy baseline, PPO's GAE on a
-  value head), reference log-probs only when the loss's ``kl_coef`` or a KL folded into the reward
-  (``reward_kl_coef``) is non-zero; the objective runs :func:`posttrain.losses.policy_gradient`;
-- ``pairwise`` (online_dpo, spin): generated pairs (best vs worst sample by reward, or gold vs sample) through the
-  pairwise objective of :mod:`posttrain.algorithms.objectives`;
-- ``supervised`` (rft): the samples that pass the verifier, de-duplicated, through the SFT objective.
+- ``online_policy_gradient`` (sgrpo, gspo, cispo, grpo, dr_grpo, dapo, rloo, reinforce_pp, remax, ppo): advantages by
+  the entry's ``advantage`` estimator (posttrain.algorithms.advantages: group z-score, leave-one-out, REINFORCE++,
+  ReMax's greedy baseline, PPO's GAE on the value head of posttrain.algorithms.critic), reference log-probs only when
+  the loss's ``kl_coef`` or a KL folded into the reward (``reward_kl_coef``) is non-zero; the objective runs
+  :func:`posttrain.losses.policy_gradient`;
+- ``online_pairwise`` (online_dpo, spin): generated pairs (``chosen``: a builder of posttrain.algorithms.pairs) through
+  the pairwise objective of :mod:`posttrain.algorithms.objectives`;
+- ``online_supervised`` (rft): the samples that pass the verifier, de-duplicated, through the SFT objective.
 
 There is no chain over algorithm names: everything is driven by the registry entry's ``options`` and the run's
-hyperparameters (``algo.*``), merged in that order. The hyperparameters are split by the loss spec's defaults:
-keys the loss accepts go to the loss, the rest must be rollout keys (``ROLLOUT_DEFAULTS``; anything else is a
-ValueError naming both lists).
+hyperparameters (``algo.*``), merged in that order, validated by posttrain.algorithms.hparams and split into its
+groups (``loss``, ``rollout``).
 
-Updates per rollout (ALGORITHMS 5, "common rollout loop"): the rollout of a batch of prompts feeds
+Updates per rollout (docs/algorithms.md 5, "common rollout loop"): the rollout of a batch of prompts feeds
 ``num_iterations`` (mu: TRL's ``num_iterations``, PPO's epochs) passes, each split into ``num_minibatches``
 consecutive minibatches of the step's micro-batches (PPO's mini-batches; TRL's ``steps_per_generation`` counted in
 optimizer steps), one optimizer step each: ``num_iterations * num_minibatches`` steps per rollout
@@ -34,8 +35,8 @@ and PPO's per-token rewards. ``num_minibatches`` must divide the micro-batches a
 (``grad_accum / ranks``; refused otherwise); a minibatch left empty on every rank (DAPO's filter, the short last step
 of an epoch) advances the LR schedule without touching the weights.
 
-Aggregation and gradient accumulation (``ctx`` = the whole optimizer update over all ranks): losses in
-``STEP_TOKEN_MEAN`` (cispo, reinforce_pp, remax, ppo, grpo with loss_type dapo) divide their token sum by
+Aggregation and gradient accumulation (``ctx`` = the whole optimizer update over all ranks): losses whose spec says
+``step_token_mean`` (cispo, reinforce_pp, remax, ppo, grpo with loss_type dapo) divide their token sum by
 ``ctx.tokens`` (TRL's ``num_items_in_batch``), so an update is a true token mean whatever the micro-batch split; the
 others are micro-batch means (sgrpo and grpo/bnpo: the micro-batch's token mean, as OXRL and TRL; gspo, rloo,
 grpo/grpo: sequence means; dr_grpo: sum / (B * max_completion_length)) weighted by the micro-batch's share of the
@@ -51,134 +52,57 @@ needs (up to ``max_sampling_tries`` extra rounds, then the step goes on with wha
 (overlong filtering) removes completions without EOS from the loss; ``overlong_buffer_frac`` > 0 adds the soft
 overlong punishment over the last ``frac * max_new_tokens`` tokens; clip-higher is the loss's ``eps_high``.
 
-PPO keeps a value head (an MLP on the policy's detached last hidden state, zero-initialised output) with its own
-Adam optimizer in the loop's memory (checkpointed with the weights, so a resumed PPO run continues with the same
-critic; seeded and fitted on all ranks' rollouts together, so every rank holds the same head). It is fitted in the
-rollout phase on each rollout's returns (clipped value loss, ``vf_epochs`` passes) after the advantages were
-computed with the pre-update values. PPO runs TRL's ``num_ppo_epochs`` = 4 policy passes per rollout
-(``num_iterations``).
+PPO's value head is a loop component (posttrain.algorithms.critic), fitted here after the advantages were computed
+with the pre-update values. PPO runs TRL's ``num_ppo_epochs`` = 4 policy passes per rollout (``num_iterations``).
+
+Why this module is over ~400 lines: it holds the three online families' rollout phases and objectives side by side
+(they share the update schedule, the no-grad forwards and the hyperparameter split); sampling, scoring, advantages,
+pairs and the critic are their own modules.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from posttrain.algorithms import objectives
+from posttrain.algorithms.advantages import ESTIMATORS, AdvantageInputs
+from posttrain.algorithms.critic import fit_value_head, predict_values, value_head
+from posttrain.algorithms.hparams import ROLLOUT_DEFAULTS, group_of, validate
 from posttrain.algorithms.memory import LoopMemory
-from posttrain.algorithms.reference_sync import LOOP_OPTIONS
-from posttrain.losses import advantages as adv_lib
-from posttrain.losses.policy_gradient import policy_gradient_and_stats, ppo_value_loss
-from posttrain.models import distributed
-from posttrain.models.engine import gathered
+from posttrain.algorithms.pairs import PAIR_BUILDERS
+from posttrain.data.collate import pad_rows
+from posttrain.losses.policy_gradient import policy_gradient_and_stats
+from posttrain.models.engine import PROCESS_GROUP, gathered
 from posttrain.models.logps import logps_from_logits, token_logps
-from posttrain.rewards import REWARD_FUNCTIONS, compute_rewards, overlong_penalty, weighted_sum
-from posttrain.rollout import SamplingConfig, sample
-
-
-def _objectives():
-    """posttrain.algorithms.objectives, imported at call time: it imports this module to register the family."""
-    from posttrain.algorithms import objectives
-
-    return objectives
-
-
-#: Every rollout hyperparameter with its default (the registry entry's ``options`` and ``algo.*`` override them).
-ROLLOUT_DEFAULTS: dict[str, Any] = {
-    "objective": "policy_gradient",  # policy_gradient | pairwise | supervised (set by the registry entry)
-    # sampling (the same sampler as self-play; temperature also divides the training logits when != 1)
-    "num_samples": 4,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "max_new_tokens": 128,
-    "generation_batch_size": 256,
-    # optimizer updates per rollout: num_iterations passes x num_minibatches minibatches (1 x 1: on-policy)
-    "num_iterations": 1,
-    "num_minibatches": 1,
-    # rewards: {name: weight} over posttrain.rewards.REWARD_FUNCTIONS, summed (TRL sum-then-normalise)
-    "rewards": {"strict": 1.0},
-    "accuracy_reward": "strict",  # the RAW accuracy (dynamic sampling filter, accuracy_mean)
-    "missing_eos_penalty": None,  # subtracted from the reward of completions without EOS (TRL)
-    # advantages
-    "advantage": "group_zscore",  # see ADVANTAGES
-    "adv_eps": 1e-8,  # group_zscore / REINFORCE++ std epsilon (study 1e-8; TRL grpo 1e-4)
-    "scale_rewards": "group",  # group_zscore: group | batch | none (TRL scale_rewards)
-    "reward_kl_coef": 0.0,  # KL folded into the reward (RLOO: sequence; REINFORCE++/PPO: per token)
-    "reward_kl_estimator": "k1",
-    # DAPO
-    "dynamic_sampling": False,
-    "max_sampling_tries": 3,
-    "mask_truncated": False,
-    "overlong_buffer_frac": 0.0,
-    "overlong_penalty_factor": 1.0,
-    # PPO (TRL PPOTrainer defaults where it has them)
-    "gae_gamma": 1.0,
-    "gae_lambda": 0.95,
-    "whiten_advantages": True,
-    "vf_lr": 1e-3,
-    "vf_epochs": 4,
-    "cliprange_value": 0.2,
-    # pairwise objective on generated pairs
-    "chosen": "best_sample",  # best_sample (online DPO: best vs worst by reward) | gold (SPIN: gold vs sample)
-    # supervised objective on filtered samples (RFT)
-    "keep_threshold": 0.5,
-    "dedupe": True,
-}
-
-#: Policy-gradient losses normalised by the token count of the whole optimizer step (``num_items = ctx.tokens``).
-STEP_TOKEN_MEAN = frozenset({"cispo", "reinforce_pp", "remax", "ppo"})
-#: grpo loss_types normalised the same way (TRL's dapo: ``num_items_in_batch``).
-STEP_TOKEN_MEAN_GRPO_TYPES = frozenset({"dapo"})
+from posttrain.rollout.groups import (ScoredRollout, draw_prompts, greedy_scores, rollout_stats, sample_groups,
+                                     sampling_seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# hyperparameters
+# hyperparameters and the update schedule
 
 
 def split_hparams(algo, hparams: dict | None) -> tuple[dict, dict]:
-    """``(loss hparams, rollout settings)`` from the entry's ``options`` and the run's ``hparams`` (which win).
+    """``(loss hparams, rollout settings)`` from the entry's ``options`` and the run's ``hparams`` (which win),
+    validated once (posttrain.algorithms.hparams.validate: an unknown key or a bad value is one ValueError line).
 
-    Keys the loss spec accepts (its ``defaults``) go to the loss; every other key must be a rollout key. The rollout
-    settings come back complete (``ROLLOUT_DEFAULTS`` filled in). dr_grpo's ``max_completion_length`` defaults to
-    ``max_new_tokens`` (ALGORITHMS 6.8: keep the constant consistent with the generation length).
+    The rollout settings come back complete (``ROLLOUT_DEFAULTS`` filled in). dr_grpo's ``max_completion_length``
+    defaults to ``max_new_tokens`` (docs/algorithms.md 6.8: keep the constant consistent with the generation length).
     """
-    merged = {k: v for k, v in {**dict(algo.options), **dict(hparams or {})}.items() if k not in LOOP_OPTIONS}
+    clean = validate(algo.name, {**dict(algo.options), **dict(hparams or {})})
+    loss_hp = group_of(algo, "loss", clean)
+    rc = {**ROLLOUT_DEFAULTS, **group_of(algo, "rollout", clean)}
     spec = algo.loss_spec
-    loss_keys = set(spec.defaults) if spec is not None else set()
-    loss_hp = {k: v for k, v in merged.items() if k in loss_keys}
-    rollout = {k: v for k, v in merged.items() if k not in loss_keys}
-    unknown = sorted(set(rollout) - set(ROLLOUT_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{algo.name}: unknown hyperparameter(s) {unknown}; the loss "
-                         f"{algo.loss!r} accepts {sorted(loss_keys)}, the rollout accepts {sorted(ROLLOUT_DEFAULTS)}")
-    rc = {**ROLLOUT_DEFAULTS, **rollout}
-    rc["rewards"] = {str(k): float(v) for k, v in dict(rc["rewards"]).items()}
-    if "max_completion_length" in loss_keys and "max_completion_length" not in loss_hp:
+    if spec is not None and "max_completion_length" in spec.defaults and "max_completion_length" not in loss_hp:
         loss_hp["max_completion_length"] = int(rc["max_new_tokens"])
-    for key in ("num_samples", "max_new_tokens", "generation_batch_size", "max_sampling_tries", "vf_epochs",
-                "num_iterations", "num_minibatches"):
-        rc[key] = int(rc[key])
-    for key in ("num_samples", "num_iterations", "num_minibatches"):
-        if rc[key] < 1:
-            raise ValueError(f"{algo.name}: {key} must be >= 1, got {rc[key]}")
-    if rc["advantage"] not in ADVANTAGES:
-        raise ValueError(f"{algo.name}: unknown advantage {rc['advantage']!r}; known: {sorted(ADVANTAGES)}")
-    if rc["objective"] not in PREPARE:
-        raise ValueError(f"{algo.name}: unknown objective {rc['objective']!r}; known: {sorted(PREPARE)}")
-    if rc["advantage"] in _NEEDS_VALUES and rc["dynamic_sampling"]:
-        raise ValueError(f"{algo.name}: dynamic_sampling cannot be combined with advantage={rc['advantage']!r} (the "
-                         "value head is fitted on every rollout of every rank)")
-    unknown_rewards = sorted({*rc["rewards"], rc["accuracy_reward"]} - set(REWARD_FUNCTIONS))
-    if unknown_rewards:
-        raise ValueError(f"{algo.name}: unknown reward function(s) {unknown_rewards}; known: "
-                         f"{sorted(REWARD_FUNCTIONS)}")
     return loss_hp, rc
 
 
 def updates_per_step(algo, hparams: dict | None, micro_batches_per_rank: int | None = None) -> int:
-    """Optimizer updates per rollout (UPDATES_PER_STEP["online"]): ``num_iterations * num_minibatches``.
+    """Optimizer updates per rollout (the online Families' ``updates_per_batch``): ``num_iterations *
+    num_minibatches``.
 
     Minibatches are made of whole micro-batches, so each rank's micro-batches of a step (``grad_accum / ranks``)
     must split evenly into ``num_minibatches``; anything else would leave minibatches empty on every full step."""
@@ -201,144 +125,14 @@ def schedule_updates(batches: list[dict], rc: dict) -> list[list[dict]]:
     return [list(mb) for _ in range(rc["num_iterations"]) for mb in minibatches]
 
 
-def uses_step_tokens(loss: str, loss_hp: dict) -> bool:
-    """True when the loss divides by the whole step's completion-token count (see the module docstring)."""
-    if loss in STEP_TOKEN_MEAN:
-        return True
-    return loss == "grpo" and loss_hp.get("loss_type", "dapo") in STEP_TOKEN_MEAN_GRPO_TYPES
-
-
-def _sampling_seed(seed: int, step: int, salt: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7_919 + int(salt) * 104_729) % (2**31 - 1)
+def uses_step_tokens(algo, loss_hp: dict) -> bool:
+    """True when the loss divides by the whole step's completion-token count (its spec's ``step_token_mean``) and
+    the run did not fix ``num_items`` itself."""
+    return algo.loss_spec.step_token_mean(loss_hp) and loss_hp.get("num_items") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# sampling and scoring
-
-
-@dataclass
-class Group:
-    """The samples of one prompt (one example of the step) with their rewards."""
-
-    example: int  # index into the step's examples
-    prompt_ids: list[int]
-    completion_ids: list[list[int]]
-    texts: list[str]
-    truncated: list[bool]
-    reward: torch.Tensor  # [G] task reward: weighted sum of the reward functions
-    accuracy: torch.Tensor  # [G] raw accuracy (accuracy_reward)
-    score: torch.Tensor  # [G] what the advantages see: reward + overlong punishment - missing-EOS penalty
-    greedy_score: float | None = None  # ReMax baseline
-
-    @property
-    def informative(self) -> bool:
-        """Not all-0 / all-1 in raw accuracy (DAPO's dynamic-sampling filter)."""
-        return bool(self.accuracy.max() != self.accuracy.min())
-
-
-def _answer(example: dict) -> str:
-    # prompts: the bare answer; gold: the full solution ending in "#### N" (lm-eval's normalisation strips the rest)
-    return str(example.get("answer", example.get("completion", "")))
-
-
-def _score(texts, answers, lengths, truncated, rc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    names = sorted({*rc["rewards"], rc["accuracy_reward"]})
-    scored = compute_rewards(names, texts, answers)
-    reward = weighted_sum({k: scored[k] for k in rc["rewards"]}, rc["rewards"])
-    accuracy = scored[rc["accuracy_reward"]]
-    score = reward.clone()
-    frac = float(rc["overlong_buffer_frac"] or 0.0)
-    if frac > 0:
-        cache = max(1, int(round(frac * rc["max_new_tokens"])))
-        score = score + float(rc["overlong_penalty_factor"]) * overlong_penalty(
-            lengths, max_length=rc["max_new_tokens"], cache_length=min(cache, rc["max_new_tokens"] - 1))
-    if rc["missing_eos_penalty"] is not None:
-        score = score - float(rc["missing_eos_penalty"]) * torch.tensor(truncated, dtype=torch.float32)
-    return reward, accuracy, score
-
-
-def _stop_strings(examples: list[dict], indices) -> tuple[str, ...]:
-    """The prompt format's stop strings, carried by the examples (a few-shot prompt stops at lm-eval's ``until``)."""
-    return tuple(examples[indices[0]].get("stop_strings", ())) if len(indices) else ()
-
-
-def _sample_groups(policy, tokenizer, examples: list[dict], indices: list[int], rc: dict, seed: int) -> list[Group]:
-    cfg = SamplingConfig(num_samples=rc["num_samples"], temperature=float(rc["temperature"]),
-                         top_p=float(rc["top_p"]), max_new_tokens=rc["max_new_tokens"],
-                         stop_strings=_stop_strings(examples, indices), batch_size=rc["generation_batch_size"])
-    rollouts = sample(policy, tokenizer, [examples[i]["prompt"] for i in indices], cfg, seed=seed)
-    groups = []
-    for i, r in zip(indices, rollouts):
-        lengths = [len(ids) for ids in r.completion_ids]
-        reward, accuracy, score = _score(r.completions, [_answer(examples[i])] * len(r.completions), lengths,
-                                         r.truncated, rc)
-        prompt_ids = tokenizer(examples[i]["prompt"], add_special_tokens=False)["input_ids"]
-        groups.append(Group(i, prompt_ids, r.completion_ids, r.completions, r.truncated, reward, accuracy, score))
-    return groups
-
-
-def _greedy_scores(policy, tokenizer, examples: list[dict], groups: list[Group], rc: dict, seed: int) -> None:
-    """ReMax's baseline: one greedy decode per prompt, scored like the samples."""
-    wanted = sorted({g.example for g in groups})
-    cfg = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=rc["max_new_tokens"],
-                         stop_strings=_stop_strings(examples, wanted), batch_size=rc["generation_batch_size"])
-    rollouts = sample(policy, tokenizer, [examples[i]["prompt"] for i in wanted], cfg, seed=seed)
-    by_example = {}
-    for i, r in zip(wanted, rollouts):
-        _, _, score = _score(r.completions, [_answer(examples[i])], [len(r.completion_ids[0])], r.truncated, rc)
-        by_example[i] = float(score[0])
-    for g in groups:
-        g.greedy_score = by_example[g.example]
-
-
-def rollout_stats(groups: list[Group]) -> dict[str, float]:
-    """What a step's sampling looked like (over every group sampled first, before any filtering)."""
-    if not groups:
-        return {}
-    reward = torch.cat([g.reward for g in groups])
-    score = torch.cat([g.score for g in groups])
-    accuracy = torch.cat([g.accuracy for g in groups])
-    lengths = torch.tensor([len(c) for g in groups for c in g.completion_ids], dtype=torch.float32)
-    truncated = torch.tensor([t for g in groups for t in g.truncated], dtype=torch.float32)
-    sizes = {len(g.reward) for g in groups}
-    frac_zero = (adv_lib.frac_zero_std_groups(score, sizes.pop()) if len(sizes) == 1
-                 else sum(float(g.score.max() == g.score.min()) for g in groups) / len(groups))
-    return {
-        "reward_mean": float(reward.mean()),
-        "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,
-        "accuracy_mean": float(accuracy.mean()),
-        "score_mean": float(score.mean()),
-        "frac_zero_std_groups": frac_zero,
-        "completion_length_mean": float(lengths.mean()),
-        "truncated_frac": float(truncated.mean()),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# tensors
-
-
-def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``completion_mask`` [N, T] from (prompt ids, completion ids)
-    (the sampler's own completion token ids: no re-tokenisation), cut at ``max_length``."""
-    encoded = []
-    for p, c in rows:
-        ids = (list(p) + list(c))[:max_length]
-        encoded.append((ids, min(len(p), len(ids))))
-    width = max(1, max(len(ids) for ids, _ in encoded))
-    input_ids = torch.full((len(encoded), width), int(pad_id), dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    completion = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[row, : len(ids)] = 1
-        completion[row, n_prompt: len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
-
-
-def policy_token_logps(model, input_ids, attention_mask, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs [B, T-1] at the sampling temperature (:func:`posttrain.models.logps.token_logps`)."""
-    return token_logps(model, input_ids, attention_mask, temperature)
+# no-grad forwards of the rollout phase
 
 
 def _device(model) -> torch.device:
@@ -369,7 +163,8 @@ def _forward_logps(model, step: dict, chunks: list[slice], temperature: float,
         ids = step["input_ids"][rows, :w].to(device)
         attn = step["attention_mask"][rows, :w].to(device)
         if not hidden:
-            logps[rows, : w - 1] = policy_token_logps(model, ids, attn, temperature).float().cpu()
+            logps[rows, : w - 1] = token_logps(model, ids, attn, temperature,
+                                               completion_mask=step["completion_mask"][rows, :w]).float().cpu()
             continue
         out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
         t = float(temperature)
@@ -380,160 +175,6 @@ def _forward_logps(model, step: dict, chunks: list[slice], temperature: float,
     return logps, states
 
 
-@torch.no_grad()
-def _values(head, states, shape) -> torch.Tensor:
-    values = torch.zeros(shape, dtype=torch.float32)
-    for rows, w, h in states:
-        values[rows, : w - 1] = head(h).squeeze(-1).float().cpu()
-    return values
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# advantages: fn(inputs) -> [N] (one per completion, copied to every token by the loss) or [N, T-1] (per token)
-
-
-@dataclass
-class AdvantageInputs:
-    scores: torch.Tensor  # [N] shaped sequence rewards
-    group_size: int
-    mask: torch.Tensor  # [N, T-1] completion tokens
-    rc: dict
-    old_logps: torch.Tensor | None = None
-    ref_logps: torch.Tensor | None = None
-    greedy_scores: torch.Tensor | None = None  # [N] ReMax
-    values: torch.Tensor | None = None  # [N, T-1] PPO
-    extra: dict = field(default_factory=dict)  # returns for the value head, stats
-
-
-def _kl_scores(a: AdvantageInputs) -> torch.Tensor:
-    """Sequence rewards with the KL folded in (RLOO's ``R - beta * sum_t KL_t``) when ``reward_kl_coef != 0``."""
-    coef = float(a.rc["reward_kl_coef"] or 0.0)
-    if coef == 0.0:
-        return a.scores
-    return adv_lib.kl_penalized_scores(a.scores, a.old_logps, a.ref_logps, a.mask, kl_coef=coef,
-                                       estimator=a.rc["reward_kl_estimator"])
-
-
-def _token_rewards(a: AdvantageInputs) -> torch.Tensor:
-    """Per-token rewards (PPO, REINFORCE++): ``-c * KL_t`` on every token plus the score at the last one."""
-    coef = float(a.rc["reward_kl_coef"] or 0.0)
-    ref = a.ref_logps if coef != 0.0 else a.old_logps
-    return adv_lib.kl_shaped_token_rewards(a.scores, a.old_logps, ref, a.mask, kl_coef=coef,
-                                           estimator=a.rc["reward_kl_estimator"])
-
-
-def _adv_group_zscore(a):
-    return adv_lib.group_zscore(_kl_scores(a), a.group_size, eps=float(a.rc["adv_eps"]),
-                                scale=str(a.rc["scale_rewards"]))
-
-
-def _adv_leave_one_out(a):
-    return adv_lib.leave_one_out(_kl_scores(a), a.group_size)
-
-
-def _adv_reinforce_pp(a):
-    return adv_lib.reinforce_pp_advantages(_token_rewards(a), a.mask, gamma=float(a.rc["gae_gamma"]),
-                                           eps=float(a.rc["adv_eps"]))
-
-
-def _adv_reinforce_pp_baseline(a):
-    return adv_lib.reinforce_pp_baseline_advantages(_kl_scores(a), a.group_size, eps=float(a.rc["adv_eps"]))
-
-
-def _adv_remax(a):
-    return adv_lib.remax_advantages(_kl_scores(a), a.greedy_scores)
-
-
-def _adv_gae(a):
-    adv, returns = adv_lib.gae(_token_rewards(a), a.values, a.mask, gamma=float(a.rc["gae_gamma"]),
-                               lam=float(a.rc["gae_lambda"]))
-    a.extra["returns"] = returns
-    if a.rc["whiten_advantages"] and a.mask.sum() > 1:
-        adv = torch.where(a.mask, adv_lib.masked_whiten(adv, a.mask), torch.zeros_like(adv))
-    return adv
-
-
-#: Advantage estimators by name (the registry entry's ``advantage`` option).
-ADVANTAGES = {
-    "group_zscore": _adv_group_zscore,  # GRPO family (scale_rewards group | batch | none)
-    "leave_one_out": _adv_leave_one_out,  # RLOO
-    "reinforce_pp": _adv_reinforce_pp,  # REINFORCE++: per-token returns-to-go, global normalisation
-    "reinforce_pp_baseline": _adv_reinforce_pp_baseline,  # REINFORCE++-baseline (G > 1)
-    "remax": _adv_remax,  # ReMax: R - R(greedy)
-    "gae": _adv_gae,  # PPO: GAE on the value head, whitened over the step
-}
-_NEEDS_OLD_LOGPS = {"reinforce_pp", "gae"}  # per-token rewards use old log-probs even at reward_kl_coef 0
-_NEEDS_GREEDY = {"remax"}
-_NEEDS_VALUES = {"gae"}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# PPO's value head (in the loop's memory: checkpointed; fitted in the rollout phase)
-
-
-class ValueHead:
-    """PPO's critic: an MLP on the policy's detached last hidden state (output layer zero: V = 0 at start) and its
-    own Adam optimizer; ``state_dict``/``load_state_dict`` let the loop checkpoint both."""
-
-    def __init__(self, hidden_size: int, lr: float, device, seed: int):
-        with torch.random.fork_rng(devices=[]):  # the same initial head on every rank, whatever they sampled
-            torch.manual_seed(seed)
-            self.head = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.Tanh(),
-                                            torch.nn.Linear(hidden_size, 1)).to(device)
-        torch.nn.init.zeros_(self.head[2].weight)
-        torch.nn.init.zeros_(self.head[2].bias)
-        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=float(lr))
-
-    def state_dict(self) -> dict:
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-def value_head(policy, memory: LoopMemory, rc: dict, seed: int) -> ValueHead:
-    """The run's value head, created on first use (identically on every rank: seeded by the run seed)."""
-    return memory.get("value_head", lambda: ValueHead(_hidden_size(policy), rc["vf_lr"], _device(policy), seed))
-
-
-def _hidden_size(policy) -> int:
-    cfg = getattr(policy, "config", None)
-    size = getattr(cfg, "hidden_size", None)
-    if size is None:
-        raise ValueError("ppo's value head needs the policy's config.hidden_size")
-    return int(size)
-
-
-def _fit_value_head(head, optimizer, states, old_values, returns, mask, rc) -> float:
-    """``vf_epochs`` full-batch passes of PPO's clipped value loss on this rollout; returns the last pass's loss.
-
-    Over several ranks the loss is a token mean over ALL ranks' rollouts and the gradients are summed over the ranks
-    before each step, so every rank keeps the same head (the one rank 0 checkpoints)."""
-    last = 0.0
-    n_tokens = max(1.0, distributed.all_reduce_sum([float(mask.sum())])[0])
-    for _ in range(rc["vf_epochs"]):
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for rows, w, h in states:
-            v = head(h).squeeze(-1)
-            dev = v.device
-            loss = ppo_value_loss(v, old_values[rows, : w - 1].to(dev), returns[rows, : w - 1].to(dev),
-                                  mask[rows, : w - 1].to(dev), clip_range_value=rc["cliprange_value"],
-                                  num_items=n_tokens)
-            loss.backward()
-            total += float(loss.detach())
-        distributed.all_reduce_grads_(head.parameters())
-        optimizer.step()
-        last = total
-    optimizer.zero_grad(set_to_none=True)
-    return distributed.all_reduce_sum([last])[0]  # the last pass's loss over all ranks
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the three objectives' rollout phases
-
-
 def _reference_logps(reference, step: dict, chunks, temperature: float) -> torch.Tensor:
     if not reference.enabled:
         raise ValueError("this online configuration needs reference log-probs (kl_coef or reward_kl_coef != 0) but "
@@ -542,16 +183,15 @@ def _reference_logps(reference, step: dict, chunks, temperature: float) -> torch
         return _forward_logps(ref_model, step, chunks, temperature)[0]
 
 
-def _draw_prompts(pool: list[dict], n: int, seed: int) -> list[dict]:
-    """``n`` prompts of the training set for a dynamic-sampling round (distinct within the round, seeded)."""
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [pool[i] for i in (order * math.ceil(n / len(pool)))[:n]]
+# ---------------------------------------------------------------------------------------------------------------------
+# the three rollout phases: (bare policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, ...) ->
+# (micro-batches, stats)
 
 
-def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *,
-                             max_length, seed, step, memory, pool):
+def _policy_gradient_batches(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *,
+                             max_length, seed, step, memory, pool, collectives):
     n = len(examples)
-    first = _sample_groups(policy, tokenizer, examples, list(range(n)), rc, _sampling_seed(seed, step, 0))
+    first = sample_groups(policy, tokenizer, examples, list(range(n)), rc, sampling_seed(seed, step, 0))
     stats = rollout_stats(first)
     groups = first
     if rc["dynamic_sampling"]:
@@ -560,41 +200,44 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
         while len(groups) < n and tries < rc["max_sampling_tries"]:
             tries += 1
             start = len(examples)  # new prompts go after the ones sampled so far; Group.example indexes them
-            examples = examples + _draw_prompts(pool or examples[:n], n,
-                                                _sampling_seed(seed, step, tries) + 7_919 * distributed.rank())
-            extra = _sample_groups(policy, tokenizer, examples, list(range(start, start + n)), rc,
-                                   _sampling_seed(seed, step, tries))
+            examples = examples + draw_prompts(pool or examples[:n], n,
+                                               sampling_seed(seed, step, tries) + 7_919 * collectives.rank)
+            extra = sample_groups(policy, tokenizer, examples, list(range(start, start + n)), rc,
+                                  sampling_seed(seed, step, tries))
             groups += [g for g in extra if g.informative][: n - len(groups)]
         stats.update({"dynamic_sampling/kept_frac": len(groups) / n, "dynamic_sampling/tries": float(tries)})
     if not groups:
         return [], stats
-    if rc["advantage"] in _NEEDS_GREEDY:
-        _greedy_scores(policy, tokenizer, examples, groups, rc, _sampling_seed(seed, step, 10_000))
+    estimator = ESTIMATORS[rc["advantage"]]
+    if estimator.needs_greedy:
+        greedy_scores(policy, tokenizer, examples, groups, rc, sampling_seed(seed, step, 10_000))
 
     G = rc["num_samples"]
-    rows = [(g.prompt_ids, c) for g in groups for c in g.completion_ids]
-    batch = pad_rows(rows, tokenizer.pad_token_id, max_length)
-    mask = batch["completion_mask"][:, 1:].bool()
-    chunks = _chunks(len(rows), [mb_size * G] * len(groups))
+    rollout = ScoredRollout.of(groups, tokenizer.pad_token_id, max_length)
+    batch, mask = rollout.tensors, rollout.mask
+    chunks = _chunks(len(rollout.scores), [mb_size * G] * len(groups))
     temperature = float(rc["temperature"])
 
     need_ref = algo.needs_reference({**loss_hp, **rc})
     off_policy = rc["num_iterations"] * rc["num_minibatches"] > 1  # later updates need pi_old's log-probs
-    need_old = off_policy or float(rc["reward_kl_coef"] or 0.0) != 0.0 or rc["advantage"] in _NEEDS_OLD_LOGPS
-    critic = value_head(policy, memory, rc, seed) if rc["advantage"] in _NEEDS_VALUES else None
-    old_logps, states = _forward_logps(policy, batch, chunks, temperature, hidden=critic is not None) \
-        if need_old else (None, None)
-    values = _values(critic.head, states, mask.shape) if critic is not None else None
-    ref_logps = _reference_logps(reference, batch, chunks, temperature) if need_ref else None
+    need_old = off_policy or float(rc["reward_kl_coef"] or 0.0) != 0.0 or estimator.needs_old_logps
+    critic = value_head(policy, memory, rc, seed) if estimator.needs_values else None
+    states = None
+    if need_old:
+        rollout.old_logps, states = _forward_logps(policy, batch, chunks, temperature, hidden=critic is not None)
+    values = predict_values(critic.head, states, mask.shape) if critic is not None else None
+    if need_ref:
+        rollout.ref_logps = _reference_logps(reference, batch, chunks, temperature)
+    old_logps, ref_logps = rollout.old_logps, rollout.ref_logps
     inputs = AdvantageInputs(
-        scores=torch.cat([g.score for g in groups]), group_size=G, mask=mask, rc=rc, old_logps=old_logps,
-        ref_logps=ref_logps, values=values,
+        scores=rollout.scores, group_size=G, mask=mask, rc=rc, old_logps=old_logps, ref_logps=ref_logps,
+        values=values,
         greedy_scores=(torch.tensor([g.greedy_score for g in groups for _ in g.completion_ids], dtype=torch.float32)
-                       if rc["advantage"] in _NEEDS_GREEDY else None))
-    advantages = ADVANTAGES[rc["advantage"]](inputs)
+                       if estimator.needs_greedy else None))
+    advantages = estimator(inputs)
     if critic is not None:
-        stats["value_loss"] = _fit_value_head(critic.head, critic.optimizer, states, values, inputs.extra["returns"],
-                                              mask, rc)
+        stats["value_loss"] = fit_value_head(critic.head, critic.optimizer, states, values, inputs.extra["returns"],
+                                             mask, rc, collectives)
         stats["value_mean"] = float(values[mask].mean()) if mask.any() else 0.0
     if ref_logps is not None and old_logps is not None and mask.any():
         stats["kl_ref_rollout"] = float((old_logps - ref_logps)[mask].mean())
@@ -602,10 +245,8 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
     stats["advantage_abs_mean"] = float(per_token[mask].abs().mean()) if mask.any() else 0.0
 
     if rc["mask_truncated"]:  # DAPO overlong filtering: truncated completions leave the loss (and ctx.tokens)
-        truncated = torch.tensor([t for g in groups for t in g.truncated], dtype=torch.bool)
-        batch["completion_mask"][truncated] = 0
+        batch["completion_mask"][rollout.truncated] = 0
 
-    step_tokens = uses_step_tokens(algo.loss, loss_hp) and loss_hp.get("num_items") is None
     out = []
     for rows_ in chunks:
         w = int(batch["attention_mask"][rows_].sum(-1).max())
@@ -615,41 +256,28 @@ def _prepare_policy_gradient(policy, reference, tokenizer, algo, loss_hp, rc, ex
             mb["ref_logps"] = ref_logps[rows_, : w - 1]
         if off_policy:
             mb["old_logps"] = old_logps[rows_, : w - 1]
-        mb.update(objective="policy_gradient", loss_hparams=loss_hp, temperature=temperature,
-                  step_tokens=step_tokens, examples=rows_.stop - rows_.start)
+        mb["examples"] = rows_.stop - rows_.start
         out.append(mb)
     return out, stats
 
 
-def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                      step, memory, pool):
-    groups = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
-                            _sampling_seed(seed, step, 0))
+def _pairwise_batches(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
+                      step, memory, pool, collectives):
+    groups = sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
+                           sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
-    eos = tokenizer.eos_token_id
+    build = PAIR_BUILDERS[rc["chosen"]]
     pairs: list[list[tuple]] = [[] for _ in range(0, len(examples), mb_size)]
     for g in groups:
-        bucket = pairs[g.example // mb_size]
-        if rc["chosen"] == "gold":  # SPIN: the gold solution beats each of the policy's samples
-            if "completion" not in examples[g.example]:
-                raise ValueError(f"{algo.name}: chosen=gold needs examples with a gold 'completion' (data kind gold)")
-            gold = tokenizer(examples[g.example]["completion"], add_special_tokens=False)["input_ids"] + [eos]
-            bucket.extend((g.prompt_ids, gold, c) for c in g.completion_ids)
-        elif rc["chosen"] == "best_sample":  # online DPO: best vs worst sample by reward; ties give no pair
-            if float(g.score.max()) > float(g.score.min()):
-                best, worst = int(torch.argmax(g.score)), int(torch.argmin(g.score))
-                bucket.append((g.prompt_ids, g.completion_ids[best], g.completion_ids[worst]))
-        else:
-            raise ValueError(f"{algo.name}: unknown chosen {rc['chosen']!r}; known: best_sample, gold")
-    total = sum(len(b) for b in pairs)
-    stats["pairs"] = float(total)
+        pairs[g.example // mb_size].extend(build(g, examples[g.example], tokenizer, algo.name))
+    stats["pairs"] = float(sum(len(b) for b in pairs))
     out = []
     for bucket in pairs:
         if not bucket:
             continue
         rows = [(p, c) for p, c, _ in bucket] + [(p, r) for p, _, r in bucket]
         mb = pad_rows(rows, tokenizer.pad_token_id, max_length)
-        mb.update(pairs=len(bucket), examples=len(bucket), objective="pairwise", loss_hparams=loss_hp)
+        mb.update(pairs=len(bucket), examples=len(bucket))
         if reference.enabled:  # here, not in the objective: with LoRA under ZeRO-3 the reference is the sharded
             # policy, and ranks with fewer pairs must not skip its forwards (the objective's logits: temperature 1)
             mb["ref_token_logps"] = _reference_logps(reference, mb, [slice(0, len(rows))], temperature=1.0)
@@ -657,10 +285,10 @@ def _prepare_pairwise(policy, reference, tokenizer, algo, loss_hp, rc, examples,
     return out, stats
 
 
-def _prepare_supervised(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                        step, memory, pool):
-    groups = _sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
-                            _sampling_seed(seed, step, 0))
+def _supervised_batches(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
+                        step, memory, pool, collectives):
+    groups = sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
+                           sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
     kept: list[list[tuple]] = [[] for _ in range(0, len(examples), mb_size)]
     for g in groups:
@@ -675,60 +303,73 @@ def _prepare_supervised(policy, reference, tokenizer, algo, loss_hp, rc, example
     for rows in kept:
         if rows:
             mb = pad_rows(rows, tokenizer.pad_token_id, max_length)
-            mb.update(examples=len(rows), objective="supervised", loss_hparams=loss_hp)
+            mb["examples"] = len(rows)
             out.append(mb)
     return out, stats
 
 
-#: Objective on the samples -> its rollout phase.
-PREPARE = {"policy_gradient": _prepare_policy_gradient, "pairwise": _prepare_pairwise,
-           "supervised": _prepare_supervised}
+def _rollout_phase(build):
+    def prepare(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
+                memory: LoopMemory | None = None, pool: list | None = None, collectives=PROCESS_GROUP):
+        """The rollout phase (an online Family's ``prepare``): ``(updates, rollout_stats)`` for one batch of prompts,
+        ``updates`` being ``num_iterations * num_minibatches`` lists of micro-batches (see ``schedule_updates``).
+
+        ``micro_batches`` are the step's examples as the loop split them (``micro_batch_size`` prompts each); the
+        rollout samples the whole step at once (better generation batches) and splits the result the same way.
+        ``pool`` is the whole training set, where DAPO's dynamic sampling draws its back-fill prompts. Under
+        ZeRO-3 every rank gathers the policy's weights for the whole rollout phase (sampling and the no-grad
+        forwards), so each rank may generate and score a different number of sequences.
+        ``collectives``: every collective of the phase goes through it (the loop's engine).
+        ``rollout_stats`` (logged as ``rollout/*``; ``reward_mean`` feeds the reward curve): reward_mean / reward_std
+        (task reward over every completion sampled first), accuracy_mean, score_mean (after shaping),
+        frac_zero_std_groups, completion_length_mean (tokens), truncated_frac, plus what the method adds (pairs,
+        kept, dynamic_sampling/*, value_loss, kl_ref_rollout, advantage_abs_mean).
+        """
+        loss_hp, rc = split_hparams(algo, hparams)
+        examples = [e for mb in micro_batches for e in mb]
+        if not examples:
+            return schedule_updates([], rc), {}
+        mb_size = max(len(mb) for mb in micro_batches)
+        with gathered(policy) as bare:  # ZeRO-3: full weights on every rank (collective); the bare module otherwise
+            batches, stats = build(bare, reference, tokenizer, algo, loss_hp, rc, examples, mb_size,
+                                   max_length=max_length, seed=seed, step=step,
+                                   memory=memory if memory is not None else LoopMemory(), pool=pool,
+                                   collectives=collectives)
+        return schedule_updates(batches, rc), stats
+
+    return prepare
 
 
-def prepare_online(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                   memory: LoopMemory | None = None, pool: list | None = None):
-    """The rollout phase (PREPARERS["online"]): ``(updates, rollout_stats)`` for one batch of prompts, ``updates``
-    being ``num_iterations * num_minibatches`` lists of micro-batches (see ``schedule_updates``).
-
-    ``micro_batches`` are the step's examples as the loop split them (``micro_batch_size`` prompts each); the
-    rollout samples the whole step at once (better generation batches) and splits the result the same way.
-    ``pool`` is the whole training set, where DAPO's dynamic sampling draws its back-fill prompts. Under
-    ZeRO-3 every rank gathers the policy's weights for the whole rollout phase (sampling and the no-grad forwards),
-    so each rank may generate and score a different number of sequences.
-    ``rollout_stats`` (logged as ``rollout/*``; ``reward_mean`` feeds the reward curve): reward_mean / reward_std
-    (task reward over every completion sampled first), accuracy_mean, score_mean (after shaping),
-    frac_zero_std_groups, completion_length_mean (tokens), truncated_frac, plus what the method adds (pairs, kept,
-    dynamic_sampling/*, value_loss, kl_ref_rollout, advantage_abs_mean).
-    """
-    loss_hp, rc = split_hparams(algo, hparams)
-    examples = [e for mb in micro_batches for e in mb]
-    if not examples:
-        return schedule_updates([], rc), {}
-    mb_size = max(len(mb) for mb in micro_batches)
-    with gathered(policy) as bare:  # ZeRO-3: full weights on every rank (collective); the bare module otherwise
-        batches, stats = PREPARE[rc["objective"]](bare, reference, tokenizer, algo, loss_hp, rc, examples, mb_size,
-                                                  max_length=max_length, seed=seed, step=step,
-                                                  memory=memory if memory is not None else LoopMemory(),
-                                                  pool=pool)
-    return schedule_updates(batches, rc), stats
+prepare_policy_gradient = _rollout_phase(_policy_gradient_batches)
+prepare_pairwise = _rollout_phase(_pairwise_batches)
+prepare_supervised = _rollout_phase(_supervised_batches)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the objective
+# the objectives
 
 
-def _policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
+def policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
+    """The ``online_policy_gradient`` objective on one micro-batch from its rollout phase.
+
+    Per-token log-probs (``token_logps``; logits / temperature when it is not 1), then
+    ``policy_gradient(algo.loss, logps, old_logps, advantages, mask, ref_logps, **loss hparams)`` (``old_logps``
+    None, ratio exactly 1, with one update per rollout: see the module docstring), logging pg/clip_frac,
+    pg/ratio_mean, pg/kl_ref (with a reference), pg/advantage_mean, entropy (sampled-token estimate) and
+    logps/completion.
+    """
+    loss_hp, rc = split_hparams(algo, hparams)
+    step_tokens = uses_step_tokens(algo, loss_hp)
     device = _device(policy)
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    lp = policy_token_logps(policy, ids, attn, batch.get("temperature", 1.0))
     mask = batch["completion_mask"][:, 1:].to(device).bool()
-    hp = dict(batch["loss_hparams"])
-    if batch.get("step_tokens"):
-        hp["num_items"] = ctx.tokens
+    lp = token_logps(policy, ids, attn, float(rc["temperature"]), completion_mask=mask)
+    if step_tokens:
+        loss_hp["num_items"] = ctx.tokens
     ref, old = batch.get("ref_logps"), batch.get("old_logps")  # old: only with several updates per rollout
     loss, pg = policy_gradient_and_stats(algo.loss, lp, None if old is None else old.to(device),
                                          batch["advantages"].to(device), mask,
-                                         ref_logps=None if ref is None else ref.to(device), **hp)
+                                         ref_logps=None if ref is None else ref.to(device), **loss_hp)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         stats = {f"pg/{k}": v for k, v in pg.items()
@@ -737,29 +378,10 @@ def _policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
         # entropy estimate from the sampled tokens: E[-log pi(y_t)] (unbiased at temperature 1, top_p 1)
         stats["entropy"] = float(-(lp.detach() * mask).sum() / n)
         stats["logps/completion"] = float(((lp.detach() * mask).sum(-1)).mean())
-    return (loss if batch.get("step_tokens") else loss * float(batch["examples"]) / ctx.examples), stats
+    return (loss if step_tokens else loss * float(batch["examples"]) / ctx.examples), stats
 
 
-def _pairwise_objective(policy, reference, batch, algo, hparams, ctx):
-    return _objectives().pairwise(policy, reference, batch, algo, batch["loss_hparams"], ctx)
-
-
-def _supervised_objective(policy, reference, batch, algo, hparams, ctx):
-    return _objectives().supervised(policy, reference, batch, algo, batch["loss_hparams"], ctx)
-
-
-_OBJECTIVES = {"policy_gradient": _policy_gradient_objective, "pairwise": _pairwise_objective,
-               "supervised": _supervised_objective}
-
-
-def online(policy, reference, batch, algo, hparams, ctx):
-    """The ``online`` family's objective (OBJECTIVES["online"]) on one micro-batch from ``prepare_online``.
-
-    policy_gradient: per-token log-probs (``token_logps``; logits / temperature when it is not 1), then
-    ``policy_gradient(algo.loss, logps, old_logps, advantages, mask, ref_logps, **loss_hparams)`` (``old_logps``
-    None, ratio exactly 1, with one update per rollout: see the module docstring), logging pg/clip_frac,
-    pg/ratio_mean, pg/kl_ref (with a reference), pg/advantage_mean, entropy (sampled-token estimate) and
-    logps/completion. pairwise / supervised: the offline objectives on the generated pairs / kept samples, normalised
-    over the update's pairs / tokens (all ranks).
-    """
-    return _OBJECTIVES[batch["objective"]](policy, reference, batch, algo, hparams, ctx)
+def pairwise_objective(policy, reference, batch, algo, hparams, ctx):
+    """The ``online_pairwise`` objective: the offline pairwise objective on the generated pairs (normalised over the
+    update's pairs, all ranks), with the loss's own hyperparameters."""
+    return objectives.pairwise(policy, reference, batch, algo, split_hparams(algo, hparams)[0], ctx)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: Loop options any algorithm with a reference accepts (as ``algo.*``); they never reach a loss.
-LOOP_OPTIONS = {"ref_sync_steps": None, "ref_sync_alpha": 1.0}
+from posttrain.algorithms.hparams import LOOP_OPTIONS  # the loop options' schema (defaults, types, ranges)
 
 
 def split_loop_options(algo, hparams: dict | None) -> tuple[dict, dict]:
@@ -38,19 +37,9 @@ class ReferenceSync:
 
     @classmethod
     def from_options(cls, options: dict, reference, algo_name: str) -> "ReferenceSync":
-        every, alpha = options["ref_sync_steps"], float(options["ref_sync_alpha"])
-        if every in (None, 0, "null", "none"):
+        every, alpha = options["ref_sync_steps"], float(options["ref_sync_alpha"])  # typed and ranged by
+        if every in (None, 0):  # posttrain.algorithms.hparams.validate (the loop validates before it gets here)
             return cls(None, alpha)
-        if every != "epoch":
-            try:
-                every = int(every)
-            except (TypeError, ValueError):
-                raise ValueError(f"{algo_name}: ref_sync_steps must be a number of optimizer steps, 'epoch' or "
-                                 f"null, got {every!r}") from None
-            if every < 0:
-                raise ValueError(f"{algo_name}: ref_sync_steps must be >= 0, got {every}")
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"{algo_name}: ref_sync_alpha must be in (0, 1], got {alpha}")
         if not reference.enabled:
             raise ValueError(f"{algo_name}: ref_sync_steps needs a reference model, and this algorithm runs "
                              "without one (reference-free)")

@@ -1,20 +1,42 @@
 """The algorithm registry: an algorithm is data (docs/design.md, "An algorithm is data, not a trainer").
 
-An entry names its family (which objective of :mod:`posttrain.algorithms.objectives` the one training loop runs),
-its data kind, its loss (a name in the family's loss table in :mod:`posttrain.losses`) and the study's taxonomy
-category. Whether it needs a reference model and whether it length-normalises are read from the loss spec, so
-they cannot drift from the function. Adding an algorithm = one entry here + its loss + conf/algo/<name>.yaml + tests.
+An entry names its family (the :class:`posttrain.algorithms.families.Family` record the one training loop runs:
+how a step's examples become batches, the objective, updates per batch), its data kind, its loss (a name in the
+family's loss table in :mod:`posttrain.losses`) and the study's taxonomy category. Whether it needs a reference model
+and whether it length-normalises are read from the loss spec, so they cannot drift from the function. Every key an
+algorithm accepts, with its default, type and range, is in :mod:`posttrain.algorithms.hparams`. Adding an
+algorithm = one entry here (or a loss-table row) + its loss + conf/algo/<name>.yaml + tests (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from posttrain import losses
 
-#: Families the loop knows, with the data each consumes.
-FAMILIES = ("supervised", "pairwise", "unpaired", "online")
+
+class FamilyTraits(NamedTuple):
+    """What the registry knows of a family (its code is the Family record of posttrain.algorithms.families)."""
+
+    reported: str  # the family result.json's algo_meta reports (supervised | pairwise | unpaired | online)
+    losses: Mapping | None  # the loss table the entry's ``loss`` names (None: the supervised NLL)
+    hparams: tuple[str, ...]  # the hyperparameter groups it accepts (posttrain.algorithms.hparams.GROUPS)
+    kl_in_reward: bool = False  # a KL folded into the reward (reward_kl_coef) needs the reference too
+
+
+#: Family record name -> its traits. ``families.FAMILIES`` holds one record per name (a test keeps them equal).
+FAMILIES: dict[str, FamilyTraits] = {
+    "supervised": FamilyTraits("supervised", None, ("loop",)),
+    "pairwise": FamilyTraits("pairwise", losses.PAIRWISE_LOSSES, ("loss", "pairwise", "loop")),
+    # TDPO: pairs with full-vocabulary reference terms (its loss needs the reference's logits, not log-probs)
+    "token_pairwise": FamilyTraits("pairwise", losses.TOKEN_PAIRWISE_LOSSES, ("loss", "loop")),
+    "unpaired": FamilyTraits("unpaired", losses.UNPAIRED_LOSSES, ("loss", "loop")),
+    "online_policy_gradient": FamilyTraits("online", losses.POLICY_GRADIENT_LOSSES, ("loss", "rollout", "loop"),
+                                           kl_in_reward=True),
+    "online_pairwise": FamilyTraits("online", losses.PAIRWISE_LOSSES, ("loss", "rollout", "loop")),
+    "online_supervised": FamilyTraits("online", None, ("rollout", "loop")),
+}
 
 #: The study's taxonomy of its 20 DPO variants (OXRL, arXiv 2603.19335), plus supervised/online/other.
 CATEGORIES = ("vanilla", "reference-free", "alternative divergence", "weighting/calibration", "robustness",
@@ -24,49 +46,33 @@ CATEGORIES = ("vanilla", "reference-free", "alternative divergence", "weighting/
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    family: str
+    family: str  # a key of FAMILIES
     loss: str | None  # name in the family's loss table (None for the supervised NLL)
     data: str  # selfplay_chosen | gold | pairs | unpaired | prompts
     category: str = "other"
-    #: Online family only: the settings that make this method what it is (its advantage estimator, which objective
-    #: runs on the samples, KL-in-reward coefficient, loss_type, ...), under the run's hparams (algo.* wins).
-    #: Read by posttrain.algorithms.online; conf/algo/<name>.yaml spells the same values out.
+    #: The values that make this method what it is (its advantage estimator, KL-in-reward coefficient, loss_type,
+    #: ...), under the run's hparams (algo.* wins); every key is one of posttrain.algorithms.hparams's schema, and
+    #: conf/algo/<name>.yaml spells the same values out (tests/test_hparams.py and test_online.py check both).
     options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"{self.name}: unknown family {self.family!r}; known: {FAMILIES}")
+            raise ValueError(f"{self.name}: unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.category not in CATEGORIES:
             raise ValueError(f"{self.name}: unknown category {self.category!r}; known: {CATEGORIES}")
 
     @property
-    def objective(self) -> str:
-        """What runs on a micro-batch: the family's objective, or for the online family the objective applied to
-        the generated samples (policy_gradient | pairwise | supervised, from ``options``)."""
-        if self.family != "online":
-            return self.family
-        return str(self.options.get("objective", "policy_gradient"))
-
-    @property
-    def loop_objective(self) -> str:
-        """The key of ``objectives.OBJECTIVES`` the training loop runs: the family's, unless the entry names
-        another one for its family's data (TDPO: ``token_pairwise``, pairs with full-vocabulary reference terms)."""
-        return str(self.options.get("loop_objective", self.family))
+    def traits(self) -> FamilyTraits:
+        return FAMILIES[self.family]
 
     @property
     def loss_spec(self):
-        if self.loop_objective == "token_pairwise":
-            return losses.TOKEN_PAIRWISE_LOSSES[self.loss]
-        table = {"pairwise": losses.PAIRWISE_LOSSES, "unpaired": losses.UNPAIRED_LOSSES,
-                 "policy_gradient": losses.POLICY_GRADIENT_LOSSES}.get(self.objective)
+        table = self.traits.losses
         return None if table is None or self.loss is None else table[self.loss]
 
     @property
     def reference_free(self) -> bool:
-        if self.family == "online":
-            return not self.needs_reference({})  # at the entry's own settings (e.g. RLOO's KL in the reward)
-        spec = self.loss_spec
-        return True if spec is None else bool(getattr(spec, "reference_free", False))
+        return not self.needs_reference({})  # at the entry's own settings (e.g. RLOO's KL in the reward)
 
     @property
     def length_normalized(self) -> bool:
@@ -76,25 +82,21 @@ class Algorithm:
     def needs_reference(self, hparams: dict) -> bool:
         """Reference forward passes are run only when this is true (reference-free losses never run one).
 
-        Online: the policy-gradient loss's own need (``kl_coef != 0``, asked of the loss spec with only the keys it
-        accepts), or a KL folded into the reward (``reward_kl_coef != 0``: RLOO, REINFORCE++, PPO); pairwise
-        objectives on generated pairs (online DPO, SPIN) need one unless their loss is reference-free; the
-        supervised objective (RFT) never does.
+        The loss spec's own need (``LossSpec.needs_reference``: not reference-free; a policy-gradient spec:
+        ``kl_coef != 0``, asked with only the keys it accepts), or, where the family folds a KL into the reward
+        (``FamilyTraits.kl_in_reward``: RLOO, REINFORCE++, PPO), ``reward_kl_coef != 0``; the supervised NLL never.
         """
-        if self.family != "online":
-            return not self.reference_free
-        hp = {**self.options, **dict(hparams or {})}
         spec = self.loss_spec
-        if self.objective == "policy_gradient":
-            loss_hp = {k: v for k, v in hp.items() if k in spec.defaults}
-            return spec.needs_reference(**loss_hp) or float(hp.get("reward_kl_coef", 0.0) or 0.0) != 0.0
-        if self.objective == "pairwise":
-            return not spec.reference_free
-        return False
+        if spec is None:
+            return False
+        hp = {**self.options, **dict(hparams or {})}
+        loss_hp = {k: v for k, v in hp.items() if k in spec.defaults}
+        kl_in_reward = self.traits.kl_in_reward and float(hp.get("reward_kl_coef", 0.0) or 0.0) != 0.0
+        return bool(spec.needs_reference(**loss_hp)) or kl_in_reward
 
     def meta(self) -> dict:
         """The ``algo_meta`` block of result.json."""
-        return {"family": self.family, "category": self.category, "reference_free": self.reference_free,
+        return {"family": self.traits.reported, "category": self.category, "reference_free": self.reference_free,
                 "length_normalized": self.length_normalized}
 
 
@@ -102,12 +104,13 @@ def _entries(*algos: Algorithm) -> dict[str, Algorithm]:
     return {a.name: a for a in algos}
 
 
-def _online(name: str, loss: str | None, data: str = "prompts", **options) -> Algorithm:
-    return Algorithm(name, "online", loss, data, "online", options=options)
+def _online(name: str, loss: str | None, family: str = "online_policy_gradient", data: str = "prompts",
+            **options) -> Algorithm:
+    return Algorithm(name, family, loss, data, "online", options=options)
 
 
 #: Online methods (docs/algorithms.md 4-5): the preparer samples from the current policy, scores, and builds batches;
-#: ``options`` carry what distinguishes them (see posttrain.algorithms.online for every key).
+#: ``options`` carry what distinguishes them (posttrain.algorithms.hparams.ROLLOUT_DEFAULTS lists every key).
 ONLINE = (
     # the study's three (OXRL 5.6): group z-score advantages (eps 1e-8), 4 samples, kl_coef 0
     _online("sgrpo", "sgrpo", advantage="group_zscore"),
@@ -129,12 +132,13 @@ ONLINE = (
     # PPO (5.1): value head + GAE, KL (k1) in the per-token reward, TRL kl_coef 0.05 and num_ppo_epochs 4
     _online("ppo", "ppo", advantage="gae", reward_kl_coef=0.05, num_iterations=4),
     # Online DPO (4.1): 2 samples, best vs worst by reward, DPO against the frozen reference
-    _online("online_dpo", "dpo", objective="pairwise", chosen="best_sample", num_samples=2),
+    _online("online_dpo", "dpo", "online_pairwise", chosen="best_sample", num_samples=2),
     # SPIN (4.2): chosen = the gold solution, rejected = a sample of the current policy; the reference moves to
     # the policy at every epoch end (one epoch = one SPIN iteration, algorithms/reference_sync)
-    _online("spin", "dpo", data="gold", objective="pairwise", chosen="gold", num_samples=1, ref_sync_steps="epoch"),
+    _online("spin", "dpo", "online_pairwise", data="gold", chosen="gold", num_samples=1,
+            ref_sync_steps="epoch"),
     # RFT (4.3): SFT on the samples that pass the verifier, de-duplicated
-    _online("rft", None, objective="supervised", keep_threshold=0.5),
+    _online("rft", None, "online_supervised", keep_threshold=0.5),
 )
 
 
@@ -157,9 +161,21 @@ ALGORITHMS: dict[str, Algorithm] = _entries(
     Algorithm("kto", "unpaired", "kto", "unpaired", "unpaired"),
     Algorithm("apo_zero_unpaired", "unpaired", "apo_zero_unpaired", "unpaired", "other"),
     Algorithm("bco_unpaired", "unpaired", "bco", "unpaired", "other"),
-    Algorithm("tdpo", "pairwise", "tdpo", "pairs", "other", options={"loop_objective": "token_pairwise"}),
+    Algorithm("tdpo", "token_pairwise", "tdpo", "pairs", "other"),
     *ONLINE,
 )
+
+
+def register(algo: Algorithm) -> Algorithm:
+    """Add an entry at runtime (a plugin, a test; CONTRIBUTING.md): the same as a row in ``ALGORITHMS``."""
+    if algo.name in ALGORITHMS:
+        raise ValueError(f"algorithm {algo.name!r} is already registered")
+    ALGORITHMS[algo.name] = algo
+    return algo
+
+
+def unregister(name: str) -> None:
+    ALGORITHMS.pop(name, None)
 
 
 def get(name: str) -> Algorithm:

@@ -5,7 +5,8 @@ exact whatever the tokenizer. Pairs put chosen and rejected in one batch of 2B r
 docs/algorithms.md 6.3). Unpaired batches hold the examples' own rows only: KTO's mismatched rows (a prompt with another
 example's completion, for its reference point z0) are chosen for the whole optimizer step by
 :func:`mismatched_partners` before the step is split into micro-batches and ranks, and run in the step's no-grad
-anchor pass (:func:`mismatched_rows`; posttrain.algorithms.objectives), never in the gradient forward.
+anchor pass (:func:`mismatched_rows`; posttrain.algorithms.objectives), never in the gradient forward. Every
+right-padded batch, offline or generated (:func:`pad_rows`), goes through the one ``_pad``.
 """
 
 from __future__ import annotations
@@ -27,13 +28,27 @@ def _encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[l
 
 def pad_sequences(tokenizer, prompts: list[str], completions: list[str], max_length: int) -> dict:
     """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask`` [N, T]."""
-    encoded = [_encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    return _pad([_encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)], tokenizer.pad_token_id)
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``completion_mask`` [N, T] from (prompt ids, completion ids)
+    already tokenised (the sampler's own completion token ids: no re-tokenisation), cut at ``max_length``."""
+    encoded = []
+    for p, c in rows:
+        ids = (list(p) + list(c))[:max_length]
+        encoded.append((ids, min(len(p), len(ids))))
+    return _pad(encoded, pad_id)
+
+
+def _pad(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """THE right-padding of the project: rows of (token ids, prompt length) -> padded tensors with their masks."""
+    width = max(1, max(len(ids) for ids, _ in encoded))
+    input_ids = torch.full((len(encoded), width), int(pad_id), dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     completion = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, (ids, n_prompt) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[row, : len(ids)] = 1
         completion[row, n_prompt: len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
@@ -62,7 +77,7 @@ def mismatched_rows(tokenizer, examples: list[dict], max_length: int, *, matched
     ``(x_i, y_i)`` when ``matched`` (one reference forward gives both). ``rows`` = the number of examples."""
     if any("kl_completion" not in e for e in examples):
         raise ValueError("unpaired examples without a mismatched partner (kl_completion): annotate each optimizer "
-                         "step with mismatched_partners (the loop's STEP_HOOKS['unpaired']) before its anchor pass")
+                         "step with mismatched_partners (the unpaired Family's step_hook) before its anchor pass")
     prompts = [e["prompt"] for e in examples]
     partners = [e["kl_completion"] for e in examples]
     if matched:

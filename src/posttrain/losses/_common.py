@@ -118,6 +118,11 @@ class LossSpec:
         """Names of the accepted hyperparameters."""
         return tuple(self.defaults)
 
+    def needs_reference(self, **hparams) -> bool:
+        """Whether the loss needs reference log-probs (the same question a policy-gradient spec answers from its
+        ``kl_coef``); for these losses it does not depend on the hyperparameters."""
+        return not self.reference_free
+
 
 def lookup(registry: dict, name: str, family: str) -> LossSpec:
     """The spec of ``name`` or a ValueError listing the known names."""

@@ -57,12 +57,15 @@ def group_zscore(rewards: torch.Tensor, group_size: int | None = None, *, eps: f
         raise ValueError(f"unknown scale {scale!r}; known: {list(SCALES)}")
     g = _grouped(rewards, group_size).to(torch.float32 if not rewards.is_floating_point() else rewards.dtype)
     centred = g - g.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (_group_std(g) + eps)
-    elif scale == "batch":
-        std = g.reshape(-1).std() if g.numel() > 1 else torch.zeros((), dtype=g.dtype)
-        centred = centred / (std + eps)
-    return centred.reshape(rewards.shape)
+    return (centred / (_SCALE[scale](g) + eps) if _SCALE[scale] is not None else centred).reshape(rewards.shape)
+
+
+def _batch_std(g: torch.Tensor) -> torch.Tensor:
+    return g.reshape(-1).std() if g.numel() > 1 else torch.zeros((), dtype=g.dtype)
+
+
+#: scale_rewards -> the std the centred rewards are divided by (None: not divided, Dr. GRPO).
+_SCALE = {"group": _group_std, "batch": _batch_std, "none": None}
 
 
 def leave_one_out(rewards: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
@@ -131,7 +134,7 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, *, 
 def reinforce_pp_baseline_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                                      eps: float = EPS_STUDY) -> torch.Tensor:
     """REINFORCE++-baseline: subtract each group's mean reward, then divide by the batch std of the centred
-    rewards (ALGORITHMS 5.8)."""
+    rewards (docs/algorithms.md 5.8)."""
     g = _grouped(rewards, group_size)
     g = g.to(torch.float32 if not g.is_floating_point() else g.dtype)
     centred = (g - g.mean(dim=1, keepdim=True)).reshape(rewards.shape)
@@ -168,7 +171,7 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *
 
 
 def frac_zero_std_groups(rewards: torch.Tensor, group_size: int | None = None) -> float:
-    """Fraction of groups whose rewards are all equal (zero std: no learning signal; ALGORITHMS 6.8)."""
+    """Fraction of groups whose rewards are all equal (zero std: no learning signal; docs/algorithms.md 6.8)."""
     g = _grouped(rewards, group_size).to(torch.float64)
     std = _group_std(g).squeeze(1)
     return float(torch.isclose(std, torch.zeros_like(std)).to(torch.float64).mean())
@@ -183,8 +186,8 @@ def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
 def kl_shaped_token_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                             *, kl_coef: float, estimator: str = "k1") -> torch.Tensor:
     """Per-token rewards of PPO / REINFORCE++: ``r_t = -kl_coef * KL_t`` on every valid token, plus the sequence
-    score at the last valid token (ALGORITHMS 5.1; k1 = ``logps - ref_logps`` as TRL's default). ``logps`` are the
-    sampling policy's (old) log-probs. Rows without a valid token get nothing."""
+    score at the last valid token (docs/algorithms.md 5.1; k1 = ``logps - ref_logps`` as TRL's default). ``logps``
+    are the sampling policy's (old) log-probs. Rows without a valid token get nothing."""
     if not (logps.shape == ref_logps.shape == mask.shape) or scores.shape != logps.shape[:1]:
         raise ValueError("kl_shaped_token_rewards: scores [B]; logps, ref_logps, mask [B, T]")
     m = mask.to(logps.dtype)

@@ -99,17 +99,23 @@ def f_divergence_scores(logratio: torch.Tensor, kind: str = "reverse_kl", alpha:
     within about +-e^50 = 5e21: finite for the logistic/hinge-type losses at any margin, but ``ipo`` SQUARES them and
     overflows float32 once a forward-KL / alpha score passes ~1e19 (log-ratios below about -44).
     """
-    if kind == "reverse_kl":
-        return logratio
-    if kind == "forward_kl":
-        return 1.0 - clamped_exp(-logratio)
-    if kind == "js_divergence":
-        return math.log(2.0) + logsigmoid(logratio)
-    if kind == "alpha_divergence":
-        if abs(alpha - 1.0) < 1e-6:
-            return logratio
-        return (clamped_exp((alpha - 1.0) * logratio) - 1.0) / (alpha - 1.0)
+    if kind in _F_SCORES:
+        return _F_SCORES[kind](logratio, alpha)
     raise ValueError(f"unknown f_divergence {kind!r}; known: {', '.join(F_DIVERGENCES)}")
+
+
+def _alpha_score(logratio: torch.Tensor, alpha: float) -> torch.Tensor:
+    if abs(alpha - 1.0) < 1e-6:
+        return logratio
+    return (clamped_exp((alpha - 1.0) * logratio) - 1.0) / (alpha - 1.0)
+
+
+_F_SCORES = {
+    "reverse_kl": lambda logratio, alpha: logratio,
+    "forward_kl": lambda logratio, alpha: 1.0 - clamped_exp(-logratio),
+    "js_divergence": lambda logratio, alpha: math.log(2.0) + logsigmoid(logratio),
+    "alpha_divergence": _alpha_score,
+}
 
 
 # -------------------------------------------------------------------------------------------- TDPO (2.25)

@@ -9,8 +9,10 @@ Entry point::
 (token counts; clamped to >= 1). The result is one loss per example (reduce with ``.mean()``); for ``aot`` /
 ``aot_unpaired``, whose losses are defined on the sorted batch, entry i belongs to the i-th quantile, not pair i.
 
-``PAIRWISE_LOSSES[name]`` is a :class:`LossSpec` (``fn``, ``reference_free``, ``length_normalized``,
-``needs_lengths``, ``f_divergence``, ``defaults``). Each ``fn`` takes a :class:`Pair` and its hyperparameters as
+The inputs (:class:`~posttrain.losses.pair.Pair`) and their checks are in ``losses/pair.py``; the reference-free
+losses (simpo, cpo, orpo, alphapo) in ``losses/pairwise_reference_free.py``. ``PAIRWISE_LOSSES[name]`` is a
+:class:`LossSpec` (``fn``, ``reference_free``, ``length_normalized``, ``needs_lengths``, ``f_divergence``,
+``defaults``). Each ``fn`` takes a :class:`Pair` and its hyperparameters as
 keyword-only arguments, so ``inspect.signature`` is the single source of the accepted names and defaults.
 
 Notation (docs/algorithms.md section 0): ``rho(y) = S_theta(y) - S_ref(y)``, margin ``D = rho(y_w) - rho(y_l)``,
@@ -27,7 +29,6 @@ TRL's ORPO NLL also counts prompt tokens (we count completion tokens only).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -35,60 +36,14 @@ from posttrain.losses._common import (
     EXP_CLAMP,
     LossSpec,
     Running,
-    as_float,
-    as_lengths,
-    check_hparams,
     clamped_exp,
-    log1mexp,
     logsigmoid,
     lookup,
 )
-from posttrain.losses.options import f_divergence_scores
+from posttrain.losses.pair import Pair, checked_pair
+from posttrain.losses.pairwise_reference_free import alphapo, cpo, orpo, simpo
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class Pair:
-    """The inputs of one batch of pairs, as the loss functions see them.
-
-    ``chosen_logratio`` / ``rejected_logratio`` are ``rho = S_theta - S_ref`` -- or, when the caller asked for an
-    f-divergence (``f_divergence`` hyperparameter), its f-DPO score ``f'(pi/pi_ref)``; None for reference-free losses
-    called without reference log-probs. ``chosen_len`` / ``rejected_len`` are float and >= 1, or None.
-    """
-
-    policy_chosen: Tensor
-    policy_rejected: Tensor
-    ref_chosen: Tensor | None = None
-    ref_rejected: Tensor | None = None
-    chosen_len: Tensor | None = None
-    rejected_len: Tensor | None = None
-    chosen_logratio: Tensor | None = None
-    rejected_logratio: Tensor | None = None
-
-    @property
-    def margin(self) -> Tensor:
-        """``rho(y_w) - rho(y_l)``."""
-        return self.chosen_logratio - self.rejected_logratio
-
-    @property
-    def chosen_avg(self) -> Tensor:
-        """``A(y_w) = S_theta(y_w) / |y_w|``."""
-        return self.policy_chosen / self.chosen_len
-
-    @property
-    def rejected_avg(self) -> Tensor:
-        return self.policy_rejected / self.rejected_len
-
-    @property
-    def chosen_nll(self) -> Tensor:
-        """Per-example mean token NLL of the chosen completion, ``-S_theta(y_w)/|y_w|``."""
-        return -self.chosen_avg
-
-    @property
-    def norm_margin(self) -> Tensor:
-        """Length-averaged log-ratio margin ``rho(y_w)/|y_w| - rho(y_l)/|y_l|`` (IPO as TRL, sigmoid_norm)."""
-        return self.chosen_logratio / self.chosen_len - self.rejected_logratio / self.rejected_len
 
 
 def _smoothed(z: Tensor, eps: float) -> Tensor:
@@ -257,46 +212,6 @@ def rdpo(x: Pair, *, beta: float = 0.1, alpha: float = 0.01) -> Tensor:
     return -logsigmoid(beta * x.margin + alpha * (x.chosen_len - x.rejected_len))
 
 
-def simpo(x: Pair, *, beta: float = 0.1, gamma: float = 0.5) -> Tensor:
-    """SimPO (Meng, Xia, Chen, NeurIPS 2024, arXiv 2405.14734), reference-free and length-averaged:
-    ``-logsigmoid(beta (A_w - A_l) - gamma)``. TRL: CPOTrainer ``loss_type='simpo', cpo_alpha=0``
-    (gamma = ``simpo_gamma``, in reward units, not gamma/beta). The paper's tuned regime is beta ~ 2-2.5,
-    gamma/beta ~ 0.5; the OXRL study ran beta = 0.1, gamma = 0.5."""
-    return -logsigmoid(beta * (x.chosen_avg - x.rejected_avg) - gamma)
-
-
-def cpo(x: Pair, *, beta: float = 0.1, alpha: float = 1.0) -> Tensor:
-    """CPO (Xu et al., ICML 2024, arXiv 2401.08417), reference-free:
-    ``-logsigmoid(beta (S_w - S_l)) + alpha * NLL(y_w)`` with summed log-probs in the preference term, as TRL
-    CPOTrainer ``loss_type='sigmoid'`` (alpha = ``cpo_alpha``). NLL(y_w) = ``-S_w/|y_w|`` per example; TRL averages it
-    over all chosen tokens of the batch (equal only when the chosen lengths are equal)."""
-    return -logsigmoid(beta * (x.policy_chosen - x.policy_rejected)) + alpha * x.chosen_nll
-
-
-def orpo(x: Pair, *, beta: float = 0.1) -> Tensor:
-    """ORPO (Hong, Lee, Thorne, EMNLP 2024, arXiv 2403.07691), reference-free:
-    ``NLL(y_w) - beta * logsigmoid(log OR)`` with ``log OR = (A_w - A_l) - (log(1 - e^{A_w}) - log(1 - e^{A_l}))``
-    (stable log1mexp; argument kept <= LOG1MEXP_MAX). beta is ORPO's lambda (TRL ``beta``). NLL(y_w) =
-    ``-S_w/|y_w|`` over completion tokens per example; TRL's ORPO NLL is the batch token mean over prompt AND
-    completion tokens."""
-    aw, al = x.chosen_avg, x.rejected_avg
-    log_odds = (aw - al) - (log1mexp(aw) - log1mexp(al))
-    return x.chosen_nll - beta * logsigmoid(log_odds)
-
-
-def alphapo(x: Pair, *, beta: float = 0.1, gamma: float = 0.5, alpha: float = 0.25) -> Tensor:
-    """AlphaPO (Gupta et al. 2025, arXiv 2501.03884): SimPO on the reshaped reward ``r = (1 - p^(-alpha)) / alpha``
-    of the length-averaged probability ``p = exp(A)``: ``-logsigmoid(beta (r_w - r_l) - gamma)``; alpha = 0 is SimPO.
-    As TRL CPOTrainer ``loss_type='alphapo'`` (= simpo, cpo_alpha 0) with its ``alpha``. ``p^(-alpha) =
-    exp(-alpha A)`` is clamped (EXP_CLAMP)."""
-    if alpha == 0:
-        rw, rl = x.chosen_avg, x.rejected_avg
-    else:
-        rw = (1.0 - clamped_exp(-alpha * x.chosen_avg)) / alpha
-        rl = (1.0 - clamped_exp(-alpha * x.rejected_avg)) / alpha
-    return -logsigmoid(beta * (rw - rl) - gamma)
-
-
 def rpo(x: Pair, *, beta: float = 0.1, alpha: float = 1.0) -> Tensor:
     """RPO / DPO+NLL (Pang et al., NeurIPS 2024, arXiv 2404.19733; Liu et al. 2024, arXiv 2405.16436):
     ``-logsigmoid(beta D) + alpha * NLL(y_w)``, NLL per example over completion tokens. TRL 1.x:
@@ -452,13 +367,6 @@ PAIRWISE_LOSSES: dict[str, LossSpec] = {
 }
 
 
-def _vector(t, what: str) -> Tensor:
-    t = as_float(t)
-    if t.dim() != 1:
-        raise ValueError(f"{what} must be a 1-D tensor [B] of summed sequence log-probs, got shape {tuple(t.shape)}")
-    return t
-
-
 def pairwise(
     name: str,
     policy_chosen: Tensor,
@@ -495,41 +403,9 @@ def pairwise_inputs(
     """The checked inputs of ``pairwise``: ``(Pair, the loss function's own hparams)``; ``pairwise`` is
     ``PAIRWISE_LOSSES[name].fn(*pairwise_inputs(...))``. The loop uses the Pair to observe running statistics."""
     spec = lookup(PAIRWISE_LOSSES, name, "pairwise")
-    check_hparams(spec, name, "pairwise", hparams)
-    if "beta" in hparams and not hparams["beta"] > 0:
-        raise ValueError(f"{name}: beta must be > 0, got {hparams['beta']}")
-    f_kind = hparams.pop("f_divergence", "reverse_kl")
-    f_alpha = hparams.pop("f_alpha", 0.5)
-
-    pc = _vector(policy_chosen, "policy_chosen")
-    pr = _vector(policy_rejected, "policy_rejected")
-    if pr.shape != pc.shape:
-        raise ValueError(f"policy_rejected has shape {tuple(pr.shape)}, policy_chosen {tuple(pc.shape)}")
-
-    rc = rr = lw = ll = None
-    if spec.needs_lengths:
-        missing = [n for n, v in (("chosen_len", chosen_len), ("rejected_len", rejected_len)) if v is None]
-        if missing:
-            raise ValueError(f"pairwise loss {name!r} needs completion lengths; missing {', '.join(missing)}")
-    if chosen_len is not None:
-        lw = as_lengths(chosen_len, pc, "chosen_len")
-    if rejected_len is not None:
-        ll = as_lengths(rejected_len, pc, "rejected_len")
-
-    chosen_ratio = rejected_ratio = None
-    if not spec.reference_free:
-        if ref_chosen is None or ref_rejected is None:
-            raise ValueError(
-                f"pairwise loss {name!r} needs reference log-probs (ref_chosen and ref_rejected); "
-                f"reference-free losses: {', '.join(n for n, s in PAIRWISE_LOSSES.items() if s.reference_free)}"
-            )
-        rc, rr = _vector(ref_chosen, "ref_chosen"), _vector(ref_rejected, "ref_rejected")
-        if rc.shape != pc.shape or rr.shape != pc.shape:
-            raise ValueError(f"reference log-probs must have the policy's shape {tuple(pc.shape)}")
-        chosen_ratio = f_divergence_scores(pc - rc, f_kind, f_alpha)
-        rejected_ratio = f_divergence_scores(pr - rr, f_kind, f_alpha)
-
-    return Pair(pc, pr, rc, rr, lw, ll, chosen_ratio, rejected_ratio), hparams
+    reference_free = [n for n, sp in PAIRWISE_LOSSES.items() if sp.reference_free]
+    return checked_pair(spec, name, reference_free, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                        chosen_len=chosen_len, rejected_len=rejected_len, **hparams)
 
 
 __all__ = ["EXP_CLAMP", "GPO_KINDS", "PAIRWISE_LOSSES", "Pair", "pairwise", "pairwise_inputs"]

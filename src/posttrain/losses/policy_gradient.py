@@ -1,6 +1,7 @@
 """Policy-gradient losses of online RL: the GRPO family, RLOO, REINFORCE++, ReMax and PPO's policy/value terms.
 
-Pure tensor functions (docs/design.md, "Loss functions"; formulas in docs/algorithms.md section 5).
+Pure tensor functions (docs/design.md, "Loss functions"; formulas in docs/algorithms.md section 5); the building
+blocks (KL estimators, aggregations, PPO clipping) are in :mod:`posttrain.losses.pg_terms`.
 
 Inputs (all per-token, ``[B, T]``, aligned on completion tokens):
 
@@ -19,7 +20,7 @@ Names (``POLICY_GRADIENT_LOSSES``):
 
 ======== ===================================================================================================
 sgrpo    OXRL's SGRPO: token-level PPO-clip surrogate ``-min(w A, clip(w, 1-eps_low, 1+eps_high) A)``,
-         clip 0.2/0.2, sum over valid tokens / token count of the micro-batch (ALGORITHMS 5.6).
+         clip 0.2/0.2, sum over valid tokens / token count of the micro-batch (docs/algorithms.md 5.6).
 gspo     GSPO (Zheng et al. 2025, arXiv 2507.18071): sequence ratio ``s_i = exp(mean_t(logp - old))``, clip
          3e-4 below / 4e-4 above, mean over sequences. Equals TRL GRPO with importance_sampling_level="sequence",
          loss_type="grpo".
@@ -43,7 +44,7 @@ ppo      PPO's policy term (Schulman et al. 2017; TRL PPOTrainer): token PPO-cli
 ======== ===================================================================================================
 
 Hyperparameters every name accepts: ``kl_coef`` (0.0) and ``kl_estimator`` (``k1`` | ``k2`` | ``k3``, default k3;
-Schulman's estimators, ALGORITHMS 0). ``num_items`` (token-mean names): the completion-token count of the whole
+Schulman's estimators, docs/algorithms.md 0). ``num_items`` (token-mean names): the completion-token count of the whole
 accumulated batch (divided by the number of data-parallel ranks when gradients are averaged across them, as TRL);
 ``None`` = this micro-batch's own count.
 
@@ -64,106 +65,20 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from posttrain.losses._common import EXP_CLAMP, clamped_exp as _exp  # noqa: F401 - one documented clamp
+from posttrain.losses._common import EXP_CLAMP, check_hparams, clamped_exp as _exp  # noqa: F401 - one documented clamp
+from posttrain.losses.pg_terms import (AGGREGATIONS, KL_ESTIMATORS, Terms as _Terms, aggregate,  # noqa: F401
+                                       bounds as _bounds, kl_estimate, masked_mean as _masked_mean,
+                                       ppo_clip as _ppo_clip, sequence_log_ratio as _sequence_log_ratio)
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-GRPO_LOSS_TYPES = {  # TRL loss_type -> aggregation (ALGORITHMS 5.2)
+GRPO_LOSS_TYPES = {  # TRL loss_type -> aggregation (docs/algorithms.md 5.2)
     "grpo": "seq_mean_token_mean",
     "bnpo": "token_mean",
     "dr_grpo": "seq_mean_token_sum_norm",
     "dapo": "token_mean",
 }
+#: grpo loss_types whose token sum is divided by the whole step's token count (TRL's dapo: ``num_items_in_batch``).
+GRPO_STEP_TOKEN_TYPES = frozenset({"dapo"})
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# building blocks
-
-
-def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) on sampled tokens (Schulman's k1/k2/k3; ALGORITHMS 0).
-
-    With ``u = ref_logps - logps``: k1 = -u, k2 = u^2/2, k3 = exp(u) - u - 1 (>= 0, GRPO's choice).
-    """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {estimator!r}; known: {list(KL_ESTIMATORS)}")
-    u = ref_logps - logps
-    if estimator == "k1":
-        return -u
-    if estimator == "k2":
-        return 0.5 * u * u
-    return _exp(u) - u - 1.0
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, *, num_items: float | int | None = None,
-              max_completion_length: int | None = None) -> torch.Tensor:
-    """Reduce a per-token loss ``[B, T]`` (or ``[B, 1]``, broadcast) over ``mask`` to a scalar.
-
-    - ``token_mean``: sum over valid tokens / ``num_items`` (or this micro-batch's token count when None);
-    - ``seq_mean_token_mean``: mean over sequences of each sequence's token mean (TRL ``grpo``);
-    - ``seq_mean_token_sum``: mean over sequences of each sequence's token sum;
-    - ``seq_mean_token_sum_norm``: sum over valid tokens / (B * ``max_completion_length``) (TRL ``dr_grpo``).
-    """
-    m = mask.to(per_token.dtype)
-    masked = per_token * m
-    if how == "token_mean":
-        denom = m.sum() if num_items is None else torch.as_tensor(float(num_items), dtype=per_token.dtype,
-                                                                  device=per_token.device)
-        return masked.sum() / denom.clamp(min=1.0)
-    if how == "seq_mean_token_mean":
-        return (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if how == "seq_mean_token_sum":
-        return masked.sum(-1).mean()
-    if how == "seq_mean_token_sum_norm":
-        if max_completion_length is None or max_completion_length <= 0:
-            raise ValueError("seq_mean_token_sum_norm (dr_grpo) needs a positive max_completion_length")
-        return masked.sum() / (m.shape[0] * float(max_completion_length))
-    raise ValueError(f"unknown aggregation {how!r}; known: {list(AGGREGATIONS)}")
-
-
-def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> float:
-    x = x.expand_as(m) if x.shape != m.shape else x
-    n = m.sum()
-    return float((x * m).sum() / n) if n > 0 else float("nan")
-
-
-@dataclass
-class _Terms:
-    """What one method computes before aggregation (shared by the loss and its diagnostics)."""
-
-    per_token: torch.Tensor  # [B, T] policy term (without KL)
-    ratio: torch.Tensor  # [B, T] token ratios or [B, 1] sequence ratios (what is clipped)
-    clipped_low: torch.Tensor | None  # bool, same shape as ratio broadcast with advantages
-    clipped_high: torch.Tensor | None
-    aggregation: str
-
-
-def _clip_flags(ratio, adv, lo, hi):
-    """Where PPO clipping is active (the gradient through the ratio is zero): TRL's region definition."""
-    low = (ratio < lo) & (adv < 0) if lo is not None else torch.zeros_like(ratio * adv, dtype=torch.bool)
-    high = (ratio > hi) & (adv > 0) if hi is not None else torch.zeros_like(ratio * adv, dtype=torch.bool)
-    return low, high
-
-
-def _bounds(eps_low, eps_high):
-    lo = None if eps_low is None else 1.0 - float(eps_low)
-    hi = None if eps_high is None else 1.0 + float(eps_high)
-    return lo, hi
-
-
-def _ppo_clip(ratio, adv, eps_low, eps_high, delta=None):
-    """``-min(w A, clip(w, 1-eps_low, 1+eps_high) A)``; ``delta`` caps the unclipped ratio (INTELLECT-2)."""
-    lo, hi = _bounds(eps_low, eps_high)
-    clipped = torch.clamp(ratio, min=lo, max=hi)
-    unclipped = ratio if delta is None else torch.clamp(ratio, max=float(delta))
-    low, high = _clip_flags(ratio, adv, lo, hi)
-    return -torch.min(unclipped * adv, clipped * adv), low, high
-
-
-def _sequence_log_ratio(log_ratio, mask, normalize: bool):
-    m = mask.to(log_ratio.dtype)
-    s = (log_ratio * m).sum(-1, keepdim=True)
-    return s / m.sum(-1, keepdim=True).clamp(min=1.0) if normalize else s
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,14 +118,16 @@ def _grpo(logps, old, adv, mask, hp):
         raise ValueError(f"unknown grpo loss_type {hp['loss_type']!r}; known: {list(GRPO_LOSS_TYPES)} "
                          "(cispo is its own name)")
     level = hp["importance_sampling_level"]
-    if level == "token":
-        ratio = _exp(logps - old)
-    elif level == "sequence":
-        ratio = _exp(_sequence_log_ratio(logps - old, mask, normalize=True))
-    else:
-        raise ValueError(f"unknown importance_sampling_level {level!r}; known: ['token', 'sequence']")
+    if level not in _RATIO_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {level!r}; known: {list(_RATIO_LEVELS)}")
+    ratio = _exp(_RATIO_LEVELS[level](logps - old, mask))
     per_token, low, high = _ppo_clip(ratio, adv, hp["eps_low"], hp["eps_high"], hp["delta"])
     return _Terms(per_token, ratio, low, high, GRPO_LOSS_TYPES[hp["loss_type"]])
+
+
+#: Where grpo's importance ratio lives: per token, or GSPO's per-sequence geometric mean.
+_RATIO_LEVELS = {"token": lambda log_ratio, mask: log_ratio,
+                 "sequence": lambda log_ratio, mask: _sequence_log_ratio(log_ratio, mask, normalize=True)}
 
 
 def _remax(logps, old, adv, mask, hp):
@@ -232,6 +149,9 @@ class PolicyGradientSpec:
 
     ``defaults`` lists every hyperparameter the name accepts with its default; ``level`` is where the importance
     ratio lives (token | sequence); ``aggregation`` the default reduction; ``reference`` the source.
+    ``length_normalized``: the importance ratio is a per-token average over the completion (gspo's geometric-mean
+    ratio). ``step_tokens``: the token sum is divided by the token count of the whole optimizer step (``num_items``,
+    TRL's ``num_items_in_batch``), a bool or ``fn(resolved hparams) -> bool`` (grpo: by its ``loss_type``).
     """
 
     name: str
@@ -240,6 +160,8 @@ class PolicyGradientSpec:
     aggregation: str
     reference: str
     _terms: Callable = field(repr=False, compare=False)
+    length_normalized: bool = False
+    step_tokens: bool | Callable[[Mapping[str, Any]], bool] = field(default=False, repr=False, compare=False)
 
     @property
     def fn(self) -> Callable[..., torch.Tensor]:
@@ -250,10 +172,11 @@ class PolicyGradientSpec:
         """At its defaults (``kl_coef`` 0) the loss needs no reference log-probs."""
         return not self.needs_reference()
 
-    @property
-    def length_normalized(self) -> bool:
-        """The importance ratio is a per-token average over the completion (gspo's geometric-mean ratio)."""
-        return self.name == "gspo"
+    def step_token_mean(self, hparams: Mapping[str, Any]) -> bool:
+        """True when, at these hyperparameters, the loss divides its token sum by the whole optimizer step's
+        completion-token count (the loop then passes ``num_items``); False: a micro-batch mean."""
+        rule = self.step_tokens
+        return bool(rule(_resolve(self, hparams)) if callable(rule) else rule)
 
     def needs_reference(self, **hparams) -> bool:
         """True when the loss itself needs reference log-probs (``kl_coef != 0`` after defaults).
@@ -265,29 +188,40 @@ class PolicyGradientSpec:
         return float(hp["kl_coef"]) != 0.0
 
 
-def _spec(name, level, aggregation, reference, terms, **defaults):
-    return PolicyGradientSpec(name, {**_COMMON, **defaults}, level, aggregation, reference, terms)
+def make_spec(name, level, aggregation, reference, terms, *, length_normalized=False, step_tokens=False,
+              **defaults) -> PolicyGradientSpec:
+    """A policy-gradient loss spec: ``terms(logps, old_logps, advantages [B, T], mask, hparams) -> Terms`` (the
+    per-token policy term, the ratio it clips, where clipping is active, its aggregation), the hyperparameters it
+    takes with their defaults (``kl_coef`` and ``kl_estimator`` are added), and its traits (see
+    :class:`PolicyGradientSpec`). Add the result to ``POLICY_GRADIENT_LOSSES`` (CONTRIBUTING.md)."""
+    return PolicyGradientSpec(name, {**_COMMON, **defaults}, level, aggregation, reference, terms, length_normalized,
+                              step_tokens)
+
+
+_spec = make_spec
 
 
 POLICY_GRADIENT_LOSSES: dict[str, PolicyGradientSpec] = {
     s.name: s
     for s in (
-        _spec("sgrpo", "token", "token_mean", "OXRL (arXiv 2603.19335), ALGORITHMS 5.6", _token_clip("token_mean"),
-              **_CLIP, num_items=None),
+        _spec("sgrpo", "token", "token_mean", "OXRL (arXiv 2603.19335), docs/algorithms.md 5.6",
+              _token_clip("token_mean"), **_CLIP, num_items=None),
         _spec("gspo", "sequence", "seq_mean_token_mean", "Zheng et al. 2025, arXiv 2507.18071", _sequence_clip(True),
-              eps_low=3e-4, eps_high=4e-4),
+              length_normalized=True, eps_low=3e-4, eps_high=4e-4),
         _spec("cispo", "token", "token_mean", "MiniMax-M1, arXiv 2506.13585; OXRL symmetric clip", _cispo,
-              **_CLIP, num_items=None),
+              step_tokens=True, **_CLIP, num_items=None),
         _spec("grpo", "token", "per loss_type", "Shao et al. 2024, arXiv 2402.03300; TRL GRPOTrainer", _grpo,
-              loss_type="dapo", **_CLIP, delta=None, importance_sampling_level="token", max_completion_length=512,
-              num_items=None, kl_bias_correction=True),
+              step_tokens=lambda hp: hp["loss_type"] in GRPO_STEP_TOKEN_TYPES, loss_type="dapo", **_CLIP,
+              delta=None, importance_sampling_level="token", max_completion_length=512, num_items=None,
+              kl_bias_correction=True),
         _spec("rloo", "sequence", "seq_mean_token_mean", "Ahmadian et al. 2024, arXiv 2402.14740; TRL RLOOTrainer",
               _sequence_clip(False), **_CLIP),
         _spec("reinforce_pp", "token", "token_mean", "Hu 2025, arXiv 2501.03262; OpenRLHF",
-              _token_clip("token_mean"), **_CLIP, num_items=None),
-        _spec("remax", "token", "token_mean", "Li et al. 2024, arXiv 2310.10505", _remax, num_items=None),
+              _token_clip("token_mean"), step_tokens=True, **_CLIP, num_items=None),
+        _spec("remax", "token", "token_mean", "Li et al. 2024, arXiv 2310.10505", _remax, step_tokens=True,
+              num_items=None),
         _spec("ppo", "token", "token_mean", "Schulman et al. 2017, arXiv 1707.06347; TRL PPOTrainer",
-              _token_clip("token_mean"), **_CLIP, num_items=None),
+              _token_clip("token_mean"), step_tokens=True, **_CLIP, num_items=None),
     )
 }
 
@@ -300,10 +234,7 @@ def _get(name: str) -> PolicyGradientSpec:
 
 
 def _resolve(spec: PolicyGradientSpec, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(hparams) - set(spec.defaults))
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown} for policy-gradient loss {spec.name!r}; "
-                         f"accepted: {sorted(spec.defaults)}")
+    check_hparams(spec, spec.name, "policy-gradient", hparams)
     hp = {**spec.defaults, **hparams}
     for key in ("eps_low", "eps_high"):
         if key in hp and hp[key] is not None and (not math.isfinite(float(hp[key])) or float(hp[key]) < 0):
@@ -315,7 +246,7 @@ def _resolve(spec: PolicyGradientSpec, hparams: Mapping[str, Any]) -> dict[str, 
 
 def _check_inputs(name, logps, old_logps, advantages, mask, ref_logps, need_ref):
     if logps.dtype in (torch.float16, torch.bfloat16) or not logps.is_floating_point():
-        logps = logps.float()  # losses are computed in at least float32 (ALGORITHMS 6.2); the cast keeps the graph
+        logps = logps.float()  # losses in at least float32 (docs/algorithms.md 6.2); the cast keeps the graph
     if logps.dim() != 2:
         raise ValueError(f"{name}: logps must be [B, T], got shape {tuple(logps.shape)}")
     shape = logps.shape

@@ -4,7 +4,8 @@ Two engines behind the same calls (``backward``, ``step``, ``lr``, ``state_dict`
 for forwards, ``rank``/``world_size`` and ``all_reduce_sum``/``all_reduce_max``/``mean_over_ranks`` for the data
 split and the logs):
 
-- ``TorchEngine``: plain PyTorch on one process (AdamW, cosine with linear warmup, gradient clipping).
+- ``TorchEngine``: plain PyTorch on one process (AdamW, cosine with linear warmup from models/schedule.py, gradient
+  clipping).
 - ``DeepSpeedEngine``: DeepSpeed ZeRO 0-3, one rank per GPU (or per process on CPU with gloo), built from the
   trainer config so that both engines optimise the same thing: AdamW with the trainer's betas/eps/weight decay
   (decay on matrices only, as TorchEngine), the same warmup+cosine ``LambdaLR`` (built by DeepSpeed on its own
@@ -37,36 +38,22 @@ rank may generate or evaluate on its own; it is a no-op for every other engine.
 
 from __future__ import annotations
 
-import math
 import shutil
-import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from posttrain.cell import deepspeed_on
+from posttrain.models import distributed
 from posttrain.models.precision import Precision
+from posttrain.models.schedule import advance_schedule as _advance_schedule, lr_lambda  # noqa: F401
+from posttrain.models.schedule import warmup_steps as _warmup_steps
 
 
 def _precision(trainer_cfg, *, deepspeed: bool, cuda: bool | None = None) -> Precision:
     return Precision.from_config(trainer_cfg.get("precision", "fp32"), deepspeed=deepspeed, cuda=cuda)
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
-    """Linear warmup then cosine to 0 (HF ``get_cosine_schedule_with_warmup``) or constant."""
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"unknown trainer.schedule {schedule!r}; known: cosine, constant")
-
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-    return fn
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], list[torch.nn.Parameter]]:
@@ -75,18 +62,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dic
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], params
-
-
-def _warmup_steps(trainer_cfg, total_steps: int) -> int:
-    return int(math.ceil(float(trainer_cfg.warmup_ratio) * total_steps))
-
-
-def _advance_schedule(scheduler) -> None:
-    """One schedule step without an optimizer step, on purpose: torch's "lr_scheduler.step() before
-    optimizer.step()" warning does not apply."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        scheduler.step()
 
 
 class TorchEngine:
@@ -139,6 +114,10 @@ class TorchEngine:
     def mean_over_ranks(stats: dict) -> dict:
         return dict(stats)
 
+    @staticmethod
+    def all_reduce_grads_(params) -> None:  # one process: nothing to sum
+        return None
+
     def state_dict(self) -> dict:
         trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         return {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
@@ -179,7 +158,8 @@ def _plain(cfg) -> dict:
 
 
 def deepspeed_enabled(deepspeed_cfg) -> bool:
-    return deepspeed_cfg is not None and bool(_plain(deepspeed_cfg).get("enabled", False))
+    """Whether the ``deepspeed`` config turns DeepSpeed on: the one rule, :func:`posttrain.cell.deepspeed_on`."""
+    return deepspeed_on(deepspeed_cfg)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -305,20 +285,10 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        from posttrain.models.distributed import all_reduce_sum
-
-        return all_reduce_sum(values)
-
-    def all_reduce_max(self, values: list[float]) -> list[float]:
-        from posttrain.models.distributed import all_reduce_max
-
-        return all_reduce_max(values)
-
-    def mean_over_ranks(self, stats: dict) -> dict:
-        from posttrain.models.distributed import mean_over_ranks
-
-        return mean_over_ranks(stats)
+    all_reduce_sum = staticmethod(distributed.all_reduce_sum)
+    all_reduce_max = staticmethod(distributed.all_reduce_max)
+    all_reduce_grads_ = staticmethod(distributed.all_reduce_grads_)
+    mean_over_ranks = staticmethod(distributed.mean_over_ranks)
 
     # Checkpoints: DeepSpeed's own (each rank writes its partitions) under <checkpoint_dir>/deepspeed/<tag>/; the
     # loop's checkpoint.pt (written by rank 0 after every rank returned from state_dict) names the tag, so it stays
@@ -361,6 +331,28 @@ class DeepSpeedEngine:
         destroy = getattr(self.ds, "destroy", None)
         if destroy is not None:
             destroy()
+
+
+class ProcessGroup:
+    """The engines' collectives without an engine (``rank``, ``all_reduce_sum``/``all_reduce_max``,
+    ``all_reduce_grads_``, ``mean_over_ranks`` over posttrain.models.distributed): what a family's ``prepare`` uses
+    when it is called outside the loop (tests, tools); the loop passes its engine."""
+
+    all_reduce_sum = staticmethod(distributed.all_reduce_sum)
+    all_reduce_max = staticmethod(distributed.all_reduce_max)
+    all_reduce_grads_ = staticmethod(distributed.all_reduce_grads_)
+    mean_over_ranks = staticmethod(distributed.mean_over_ranks)
+
+    @property
+    def rank(self) -> int:
+        return distributed.rank()
+
+    @property
+    def world_size(self) -> int:
+        return distributed.world_size()
+
+
+PROCESS_GROUP = ProcessGroup()
 
 
 def make_engine(model: torch.nn.Module, trainer_cfg, total_steps: int, deepspeed_cfg=None, *,

@@ -40,7 +40,7 @@ def resolve_model_paths(scale, mirror: str | None = None) -> tuple[str, str]:
     if model is None:
         if not scale.get("embedded"):
             raise ModelLoadError(f"scale {scale.name!r} names no model: set scale.model to an HF id or a local dir")
-        from posttrain.models.tiny import ensure_tiny_base
+        from posttrain.embedded import ensure_tiny_base
 
         model_dir, tok_dir = ensure_tiny_base(dict(scale.build))
         model, tokenizer = str(model_dir), tokenizer or str(tok_dir)

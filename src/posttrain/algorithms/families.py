@@ -1,0 +1,70 @@
+"""The Family records: the only dispatch the training loop does (docs/design.md, "An algorithm is data").
+
+A registry entry names its family (``Algorithm.family``); ``of(algo)`` gives its :class:`Family`, whose fields the
+loop calls and nothing else:
+
+- ``prepare(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step, memory, pool,
+  collectives) -> ([[micro-batch, ...], ...], stats)`` (``collectives``: the loop's engine, through which every
+  collective of the step goes): how a step's examples become optimizer updates, one inner list per
+  update, each micro-batch carrying ``examples`` (its share of the update's example count). Offline: tokenise, one
+  update; online: the rollout phase, then ``num_iterations`` x ``num_minibatches`` updates;
+- ``objective(policy, reference, batch, algo, hparams, ctx) -> (loss, stats)``: a micro-batch's loss, already
+  scaled for gradient accumulation (posttrain.algorithms.objectives);
+- ``updates_per_batch(algo, hparams, micro-batches per rank and step) -> int``: optimizer updates per batch of
+  examples (the loop's schedule needs it upfront; the online one refuses minibatches the step cannot fill);
+- ``step_hook(algo, hparams, *, pool, seed) -> annotate | None``: ``annotate(step's examples, step) -> examples``
+  runs on each optimizer step's examples before the loop splits them into micro-batches and ranks, for what must
+  be decided on the whole step (KTO's mismatched partners).
+
+What the registry needs to know of a family without its code (the family result.json reports, its loss table, its
+hyperparameter groups) is ``registry.FAMILIES``; the two tables have the same keys (tests/test_families.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from posttrain.algorithms import objectives, online
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    prepare: Callable
+    objective: Callable
+    updates_per_batch: Callable
+    step_hook: Callable
+
+
+def _one_update(algo, hparams, micro_batches_per_rank: int | None = None) -> int:
+    return 1
+
+
+def _no_step_hook(algo, hparams, *, pool: list, seed: int):
+    return None
+
+
+def _offline(name: str, objective: Callable, prepare: Callable = objectives.offline_batches,
+             step_hook: Callable = _no_step_hook) -> Family:
+    return Family(name, prepare, objective, _one_update, step_hook)
+
+
+def _online(name: str, prepare: Callable, objective: Callable) -> Family:
+    return Family(name, prepare, objective, online.updates_per_step, _no_step_hook)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    _offline("supervised", objectives.supervised),
+    _offline("pairwise", objectives.pairwise),
+    _offline("token_pairwise", objectives.token_pairwise),
+    _offline("unpaired", objectives.unpaired, objectives.unpaired_batches, objectives.kto_partners),
+    _online("online_policy_gradient", online.prepare_policy_gradient, online.policy_gradient_objective),
+    _online("online_pairwise", online.prepare_pairwise, online.pairwise_objective),
+    _online("online_supervised", online.prepare_supervised, objectives.supervised),
+)}
+
+
+def of(algo) -> Family:
+    """The Family record of a registry entry."""
+    return FAMILIES[algo.family]
