@@ -13,6 +13,9 @@ hydra.sweeper.sweep=<file> sweep_name=<file's name>`` (and implies ``-m``): the 
 (posttrain/sweep/sweeper.py) launches the file's union of grids through any launcher, the other overrides applied
 on top of every part (posttrain/sweep/files.py). An unknown name stops with one line listing sweeps/, exit 2.
 
+Every cell of the launch is checked before Hydra composes anything (posttrain.sweep.checks): an unknown group
+option, launcher or key, a value out of its range, a bad algorithm hyperparameter stop with one line, exit 2.
+
 ``-m ... dry_run=true`` lists the cells without Hydra composing each one (posttrain.sweep.files computes every cell
 directory from the override strings): one line per cell, ``<cell dir>  <overrides>``, then ``N cells``. Command
 lines this cheap path cannot read exactly (Hydra flags other than -m, ``+algo=...``, interpolations in the path keys,
@@ -105,13 +108,10 @@ def expand_sweep_arg(argv: list[str], sweeps_dir: Path = SWEEPS_DIR) -> tuple[li
     return out, path
 
 
-def fast_dry_run(argv: list[str], sweep_file: Path | None) -> list[str] | None:
-    """The dry-run listing computed from the command line alone, or None when Hydra must compose (see above)."""
-    from posttrain.sweep import files
-
-    if not any(a in MULTIRUN_FLAGS for a in argv):
-        return None
+def _task_overrides(argv: list[str], sweep_file: Path | None) -> tuple[list[str], list[str]] | None:
+    """(task overrides, hydra/launcher overrides) of a command line this module can read, or None (see above)."""
     task: list[str] = []
+    launcher: list[str] = []
     for arg in argv:
         if arg in MULTIRUN_FLAGS:
             continue
@@ -122,22 +122,78 @@ def fast_dry_run(argv: list[str], sweep_file: Path | None) -> list[str] | None:
             if key.startswith(("hydra.sweep.subdir", "hydra.sweeper.params", "hydra/sweeper")) and \
                     not (key == "hydra/sweeper" and sweep_file is not None):
                 return None
+            if key == "hydra/launcher":
+                launcher.append(arg)
             continue
         task.append(arg)
+    return task, launcher
+
+
+def launch_cells(argv: list[str], sweep_file: Path | None) -> list | None:
+    """The launch's cells (posttrain.sweep.files.Cell), each checked before anything composes or loads
+    (posttrain.sweep.checks: one line per mistake, UsageError); None when Hydra must read the command line."""
+    from posttrain.config_schema import ConfigError
+    from posttrain.sweep import checks, files
+
+    parsed = _task_overrides(argv, sweep_file)
+    if parsed is None:
+        return None
+    task, launcher = parsed
+    multirun = any(a in MULTIRUN_FLAGS for a in argv)
     dry = [a.partition("=")[2] for a in task if a.partition("=")[0] == "dry_run"]
-    if not dry or dry[-1] not in TRUE:
-        return None
     try:
-        cells = files.expand(sweep_file, task, CONF_DIR) if sweep_file else files.grid(task, CONF_DIR)
+        if sweep_file:
+            cells = files.expand(sweep_file, task, CONF_DIR)
+        elif multirun:
+            cells = files.grid(task, CONF_DIR)
+        else:
+            axes = files.cli_axes(task)
+            if any(len(values) != 1 for values in axes.values()):
+                return None  # a sweep without -m: Hydra says so
+            cells = [files.Cell(tuple(v[0] for v in axes.values()), None)]
     except files.SweepError as exc:
+        if sweep_file or (dry and dry[-1] in TRUE):
+            raise UsageError(str(exc)) from None
+        return None  # e.g. an interval sweep: the basic sweeper's business
+    try:
+        for line in launcher:
+            checks.check_cell([line], CONF_DIR)
+        checks.check_cells([c.overrides for c in cells], CONF_DIR)
+    except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if any(c.path is None for c in cells):
+    return cells
+
+
+def fast_dry_run(argv: list[str], cells: list | None) -> list[str] | None:
+    """The dry-run listing computed from the command line's cells alone, or None when Hydra must compose."""
+    from posttrain.sweep import files
+
+    if cells is None or not any(a in MULTIRUN_FLAGS for a in argv):
         return None
-    missing = files.missing_options(cells, CONF_DIR)
-    if missing:
-        what = ", ".join(f"{k} ({n} cells)" for k, n in missing.items())
-        print(f"warning: no config for {what} in {CONF_DIR}; a real launch stops at them", file=sys.stderr)
+    dry = [a.partition("=")[2] for a in argv if a.partition("=")[0] == "dry_run"]
+    if not dry or dry[-1] not in TRUE or any(c.path is None for c in cells):
+        return None
     return files.listing(cells)
+
+
+def check_output_root(argv: list[str]) -> None:
+    """A launch that will write: its output root must be a directory this process can write (one line if not)."""
+    import tempfile
+
+    dry = [a.partition("=")[2] for a in argv if a.partition("=")[0] == "dry_run"]
+    if dry and dry[-1] in TRUE:
+        return
+    given = [a.partition("=")[2] for a in argv if a.partition("=")[0] == "output_root"]
+    root = given[-1].strip("'\"") if given else "outputs"
+    if "${" in root:
+        return  # an interpolation: Hydra resolves it
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output_root={root}: cannot write there ({exc.strerror or exc}); give a writable "
+                         "directory with output_root=DIR") from None
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -160,7 +216,10 @@ def main(cfg: DictConfig):
 if __name__ == "__main__":
     try:
         sys.argv[1:], _sweep_file = expand_sweep_arg(rewrite_ranges(sys.argv[1:]))
-        _listing = fast_dry_run(sys.argv[1:], _sweep_file)
+        _cells = launch_cells(sys.argv[1:], _sweep_file)
+        _listing = fast_dry_run(sys.argv[1:], _cells)
+        if _listing is None and _cells is not None:
+            check_output_root(sys.argv[1:])
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -170,4 +229,9 @@ if __name__ == "__main__":
         except BrokenPipeError:  # `| head`: the reader has what it wanted
             sys.stderr.close()
         sys.exit(0)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: run.py has recorded the cell (cancelled) in one line
+        from posttrain.preemption import signal_of
+
+        sys.exit(128 + signal_of(exc))

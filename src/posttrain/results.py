@@ -1,7 +1,7 @@
 """result.json: the one contract between a run and everything that reads it (docs/design.md, "Contracts").
 
 Every cell directory holds a result.json, written atomically (temp file + rename) at the end of every run,
-completed or failed. Readers (report, sweep status) use :func:`iter_results`, which skips the archives
+completed, failed or cancelled. Readers (report, sweep status) use :func:`iter_results`, which skips the archives
 ``<cell dir>.<old hash>`` that a relaunch with a changed config leaves beside a cell.
 """
 
@@ -17,7 +17,8 @@ from typing import Any, Iterator
 RESULT_FILE = "result.json"
 COMPLETED = "completed"
 FAILED = "failed"
-STATUSES = (COMPLETED, FAILED)
+CANCELLED = "cancelled"  # stopped by Ctrl-C or SIGTERM: train.steps says how far it got, the checkpoint is kept
+STATUSES = (COMPLETED, FAILED, CANCELLED)
 
 #: Top-level keys every result.json has (docs/design.md). Tests check a real run against this list.
 REQUIRED_KEYS = (

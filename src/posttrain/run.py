@@ -2,7 +2,8 @@
 
 identity -> skip if done -> model -> data -> train -> evaluate -> result.json.
 
-``result.json`` is written atomically at the end of every run, completed or failed; a completed result is never
+``result.json`` is written atomically at the end of every run, completed, failed or cancelled (Ctrl-C, SIGTERM: the
+steps done are recorded, the checkpoint kept, exit status 130 / 143); a completed result is never
 overwritten: a relaunch with the same config hash skips the cell, one with another hash (the code's defaults
 changed) moves the old directory aside to ``<dir>.<old hash>`` and runs again.
 """
@@ -13,6 +14,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -26,7 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain import results
 from posttrain.cache import CACHE_EVENTS, stable_hash
-from posttrain.sweep.cells import cell_path, config_hash, variant
+from posttrain.cell import cell_of, completed_hash, config_hash, is_done, override_key, ranks_refusal
+from posttrain.config_schema import ConfigError, check_run_config
+from posttrain.preemption import cancellation, signal_of
+from posttrain.sweep.manifest import running
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "lm_eval", "trl", "datasets", "hydra-core", "wandb",
             "submitit", "posttrain")
@@ -37,10 +42,12 @@ class UserError(Exception):
     """A mistake in the command or config: printed as one line, never as a traceback."""
 
 
-def cell_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, str]:
-    """(variant, cell directory relative to the sweep directory) of a composed config."""
-    name = variant(str(cfg.algo.name), overrides)
-    return name, cell_path(name, cfg.scale.name, bool(cfg.lora.enabled), int(cfg.seed))
+def cell_identity(cfg: DictConfig, overrides: list[str], hydra_node=None) -> tuple[str, str]:
+    """(variant, cell directory relative to the sweep directory) of a composed config (posttrain.cell); with the
+    job's Hydra node, overrides equal to the config's default name no variant (as in ``hydra.sweep.subdir``)."""
+    from posttrain.sweep.cells import composed_is_default
+
+    return cell_of(cfg, overrides, composed_is_default(hydra_node) if hydra_node is not None else None)
 
 
 def _now() -> str:
@@ -199,12 +206,8 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
                   max_length=int(cfg.data.max_length), seed=seed, log=tracker.log,
                   checkpoint_dir=cell_dir / "checkpoint", progress=main, fingerprint=result["config_hash"],
                   deepspeed=cfg.deepspeed if deepspeed_enabled(cfg.deepspeed) else None)
-    result["train"] = {
-        "steps": state.step, "examples": state.examples, "tokens": state.tokens, "seconds": round(state.seconds, 3),
-        "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
-        "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
-        "reward_curve": state.reward_curve, "reference_forwards": reference.calls, "dataset_size": len(examples),
-        "resumed_from": state.resumed_from, "precision": precision.record(policy)}
+    result["train"] = {**train_record(state), "reference_forwards": reference.calls, "dataset_size": len(examples),
+                       "precision": precision.record(policy)}
     with gathered(policy) as bare:  # ZeRO-3: every rank gathers the weights; rank 0 alone saves and evaluates
         if not main:
             return
@@ -221,6 +224,15 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
         result["eval"]["model_generation_config"] = model_generation_defaults(bare)
     tracker.log({f"eval/{task}/{metric}": value for task, metrics in result["metrics"].items()
                  for metric, value in metrics.items()}, state.step)
+
+
+def train_record(state) -> dict:
+    """result.json's ``train`` block from the loop's TrainState (also a cancelled run's: the steps it did)."""
+    return {
+        "steps": state.step, "examples": state.examples, "tokens": state.tokens, "seconds": round(state.seconds, 3),
+        "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
+        "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
+        "reward_curve": state.reward_curve, "resumed_from": state.resumed_from}
 
 
 def summary_line(result: dict, cell_dir: Path) -> str:
@@ -247,21 +259,23 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
     outcome = {"cell": cell, "run_dir": str(cell_dir)}
     if deepspeed_enabled(cfg.deepspeed):  # ranks from Slurm/submitit, torchrun, or a single process
         setup_distributed()
-    elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UserError(f"{os.environ['WORLD_SIZE']} processes (torchrun) but deepspeed is off, so each would train "
-                        "its own copy; add deepspeed=zero3 (or zero2), or run one process")
+    else:
+        ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        refusal = ranks_refusal(ranks, cfg.deepspeed, f"{ranks} processes (torchrun)")
+        if refusal:
+            raise UserError(refusal)
     try:
         algo = registry.get(str(cfg.algo.name))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     chash = config_hash(cfg)
-    existing = results.read_result(cell_dir)
-    if existing and existing.get("status") == results.COMPLETED:
-        if existing.get("config_hash") == chash:
-            print(f"[skipped] {cell}: already completed (config {chash})", flush=True)
-            return {**outcome, "status": "skipped"}
-        archive = Path(f"{cell_dir}.{existing.get('config_hash') or 'old'}")
-        print(f"[rerun] {cell}: completed with config {existing.get('config_hash')}, now {chash}; "
+    if is_done(cell_dir, chash):  # posttrain.cell: completed with the same config hash
+        print(f"[skipped] {cell}: already completed (config {chash})", flush=True)
+        return {**outcome, "status": "skipped"}
+    recorded = completed_hash(cell_dir)
+    if recorded is not None:  # completed under another config: kept aside, then run again
+        archive = Path(f"{cell_dir}.{recorded or 'old'}")
+        print(f"[rerun] {cell}: completed with config {recorded or None}, now {chash}; "
               f"keeping the old run as {archive.name}", flush=True)
         if archive.exists():
             shutil.rmtree(archive)
@@ -279,7 +293,8 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
         print(f"[locked] {cell}: running in another process; not started twice", flush=True)
         return {**outcome, "status": "locked"}
     try:
-        return {**outcome, "status": _run_locked(cfg, algo, cell_dir, variant_name, cell, sweep, chash)}
+        with running(cell_dir):  # .running.json: status tells a live run from one killed without a record
+            return {**outcome, "status": _run_locked(cfg, algo, cell_dir, variant_name, cell, sweep, chash)}
     finally:
         lock.release()
 
@@ -287,7 +302,7 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
 def _run_locked(cfg, algo, cell_dir: Path, variant_name: str, cell: str, sweep: str, chash: str) -> str:
     import torch
 
-    from posttrain.tracker import NullTracker, make_tracker
+    from posttrain.tracker import NullTracker, make_tracker, result_summary
 
     threads = int(cfg.trainer.threads or available_cpus())
     torch.set_num_threads(threads)
@@ -300,15 +315,19 @@ def _run_locked(cfg, algo, cell_dir: Path, variant_name: str, cell: str, sweep: 
     tracker = NullTracker()
     interrupted = None
     try:
-        tracker = NullTracker() if not main else make_tracker(
-            cfg.logger, sweep=sweep, cell=cell, run_dir=cell_dir, config=result["config"],
-            tags=[f"algo:{cfg.algo.name}", f"scale:{cfg.scale.name}", f"seed:{cfg.seed}",
-                  f"lora:{'on' if cfg.lora.enabled else 'off'}"], job_type=str(cfg.algo.name))
-        train_and_evaluate(cfg, algo, cell_dir, tracker, result)
+        tracker = NullTracker() if not main else make_tracker(  # id/group/config/summary: posttrain.tracker
+            cfg.logger, sweep=sweep, cell=cell, run_dir=cell_dir, result=result)
+        with cancellation():  # SIGTERM unwinds like Ctrl-C (posttrain.preemption), so both leave a record
+            train_and_evaluate(cfg, algo, cell_dir, tracker, result)
         result["status"] = results.COMPLETED
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded; interrupts re-raised below
         result["error"] = {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
                            "traceback": traceback.format_exc()}
+        if getattr(exc, "train_state", None) is not None and not result["train"].get("steps"):
+            result["train"].update(train_record(exc.train_state))  # the steps done before it stopped
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (preemption.Cancelled)
+            result["status"] = results.CANCELLED
+            result["error"]["message"] = f"{signal.Signals(signal_of(exc)).name} after {result['train']['steps']} steps"
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             interrupted = exc
     finally:
@@ -316,10 +335,14 @@ def _run_locked(cfg, algo, cell_dir: Path, variant_name: str, cell: str, sweep: 
         result["provenance"]["cache_hits"] = dict(CACHE_EVENTS)
         if main:
             results.write_result(cell_dir, result)
-    tracker.summary({"status": result["status"], **{f"{t}/{m}": v for t, ms in result["metrics"].items()
-                                                    for m, v in ms.items()}})
+    tracker.summary(result_summary(result))
     tracker.finish(failed=result["status"] != results.COMPLETED)
     if interrupted is not None:
+        if main and result["status"] == results.CANCELLED:
+            kept = cell_dir / "checkpoint"
+            print(f"[cancelled] {cell}: {result['error']['message']}; "
+                  + (f"checkpoint kept in {kept}, a relaunch resumes from it" if kept.exists() else "no checkpoint yet")
+                  + f" ({cell_dir / results.RESULT_FILE})", file=sys.stderr, flush=True)
         raise interrupted
     if not main:
         return result["status"]
@@ -340,7 +363,13 @@ def main(cfg: DictConfig) -> dict:
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
-    name, cell = cell_identity(cfg, overrides)
+    # Before any model, data or tokenizer loads: the schema, and the algorithm's hyperparameters (in a dry run only
+    # when overridden: hparams.validate imports torch, and the algorithms' own yaml files are tested valid).
+    try:
+        check_run_config(cfg, algo_too=not cfg.dry_run or any(override_key(o).startswith("algo.") for o in overrides))
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    name, cell = cell_identity(cfg, overrides, hc)
     multirun = hc.mode == RunMode.MULTIRUN
     cell_dir = Path(hc.runtime.output_dir) if multirun else Path(hc.runtime.output_dir) / cell
     if cfg.dry_run:

@@ -27,7 +27,7 @@ as Hydra's basic sweeper renders command-line values (``true`` -> ``True``), so 
 key came from the file or from the command line.
 
 This module is also the cheap path of ``dry_run=true`` (launch.py): it computes every cell's directory from its
-override strings alone (posttrain.sweep.cells.variant/cell_path; the defaults algo/scale/lora/seed come from
+override strings alone (posttrain.cell.variant/cell_path; the defaults algo/scale/lora/seed come from
 conf/config.yaml and the group files' ``name``/``enabled``) without composing a config, so listing ~220 cells takes
 well under a second. Overrides it cannot interpret without Hydra (``+algo=...``, ``algo@pkg=...``, interpolations)
 raise :class:`NotFast`; callers fall back to Hydra's composition. It imports neither torch nor transformers.
@@ -45,7 +45,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from posttrain.sweep.cells import cell_path, variant
+from posttrain.cell import cell_path, variant
+from posttrain.sweep import checks
 
 FILE_KEYS = ("name", "description", "include", "parts", "overrides")
 PART_KEYS = ("label", "grid")
@@ -396,30 +397,13 @@ def cell_dir(overrides: Sequence[str], conf_dir: str | Path | None = None) -> st
         seed = int(str(seed_value))
     except ValueError:
         raise NotFast(f"seed={seed_value!r} is not an integer") from None
-    return cell_path(variant(str(algo), list(overrides)), str(scale), bool(lora), seed)
+    is_default = checks.is_default_override(conf, checks.choices(conf, overrides))
+    return cell_path(variant(str(algo), list(overrides), is_default), str(scale), bool(lora), seed)
 
 
 def _per_scale(option: str, scale_choice: str) -> str:
     """A default that the scale picks (``lora: scale_${scale}`` in conf/config.yaml) for the scale chosen."""
     return option.replace("${scale}", scale_choice)
-
-
-def missing_options(cells: Iterable[Cell], conf_dir: str | Path | None = None) -> dict[str, int]:
-    """``{"algo=sgrpo": n_cells}`` for group options (algo/scale/lora) whose conf file does not exist."""
-    conf = str(Path(conf_dir) if conf_dir is not None else default_conf_dir())
-    d = _defaults(conf)
-    counts: dict[str, int] = {}
-    for cell in cells:
-        choice = {g: d[g] for g in PATH_GROUPS}
-        for line in cell.overrides:
-            key, _, value = line.partition("=")
-            if key in PATH_GROUPS:
-                choice[key] = value
-        choice["lora"] = _per_scale(choice["lora"], choice["scale"])
-        for group, option in choice.items():
-            if not (Path(conf) / group / f"{option}.yaml").is_file():
-                counts[f"{group}={option}"] = counts.get(f"{group}={option}", 0) + 1
-    return counts
 
 
 def listing(cells: Sequence[Cell]) -> list[str]:

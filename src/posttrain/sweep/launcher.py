@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -153,13 +154,13 @@ def executor_parameters(params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _check_ranks(gpus, cfg: DictConfig, overrides) -> None:
-    """One task per GPU trains ONE model only through DeepSpeed; without it every task would train its own copy."""
-    from posttrain.models.engine import deepspeed_enabled
+    """One task per GPU trains ONE model only through DeepSpeed (posttrain.cell.ranks_refusal)."""
+    from posttrain.cell import ranks_refusal
 
-    if gpus is not None and int(gpus) > 1 and not deepspeed_enabled(cfg.get("deepspeed")):
-        _refuse(f"cell {' '.join(overrides)}: {int(gpus)} GPUs (one task each) but deepspeed is off, so each task "
-                f"would train its own copy; add deepspeed=zero3 (or zero2), or give the run one GPU with "
-                f"hydra.launcher.gpus=1")
+    refusal = ranks_refusal(int(gpus or 0), cfg.get("deepspeed"), f"cell {' '.join(overrides)}: {int(gpus or 0)} GPUs "
+                            "(one task each)", fix="give the run one GPU with hydra.launcher.gpus=1")
+    if refusal:
+        _refuse(refusal)
 
 
 def _refuse(message: str) -> None:
@@ -169,22 +170,20 @@ def _refuse(message: str) -> None:
 
 
 def completed_with_same_config(cell_config: DictConfig, run_dir: Path) -> bool:
-    """Default ``skip_if_done``: the cell's result.json says completed with this cell's config hash, exactly the
-    rule by which run.py skips a cell, checked before submission so a relaunch queues only the cells that need it."""
+    """Default ``skip_if_done``: posttrain.cell.is_done (result.json completed with this cell's config hash, the
+    rule run.py skips by), checked before submission so a relaunch queues only the cells that need it."""
     import copy
 
-    from posttrain.results import COMPLETED, read_result
+    from posttrain.cell import config_hash, is_done
 
-    result = read_result(run_dir)
-    if not result or result.get("status") != COMPLETED:
-        return False
-    from posttrain.sweep.cells import config_hash
+    def chash() -> str:
+        task_cfg = copy.deepcopy(cell_config)
+        with open_dict(task_cfg):
+            task_cfg.pop("hydra", None)  # as run_job hands the task its config
+        return config_hash(task_cfg)
 
-    task_cfg = copy.deepcopy(cell_config)
-    with open_dict(task_cfg):
-        task_cfg.pop("hydra", None)  # as run_job hands the task its config
     try:
-        return result.get("config_hash") == config_hash(task_cfg)
+        return is_done(run_dir, chash)
     except Exception:  # noqa: BLE001 - a config that does not resolve here is left to the job to report
         return False
 
@@ -346,6 +345,9 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
 
         job_ids: Dict[int, str] = {}
         singleton_state = Singleton.get_state()
+        if groups and shutil.which("sbatch") is None:
+            _refuse(f"hydra/launcher={launcher_name} submits to Slurm, but there is no sbatch on this machine; run "
+                    "on the cluster's login node, or drop hydra/launcher=... to run the cells here")
         for key, group in groups.items():
             params = group[0].params
             executor = submitit.AutoExecutor(
@@ -354,15 +356,22 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
             executor.update_parameters(**executor_parameters(params))
             for cell in group:
                 log.info(f"\t#{cell.num} : {' '.join(filter_overrides(cell.overrides))}")
-            jobs = executor.map_array(
-                self,
-                [c.overrides for c in group],
-                ["hydra.sweep.dir"] * len(group),
-                [c.num for c in group],
-                [f"job_id_for_{c.num}" for c in group],
-                [singleton_state] * len(group),
-                [c.subdir for c in group],
-            )
+            try:
+                jobs = executor.map_array(
+                    self,
+                    [c.overrides for c in group],
+                    ["hydra.sweep.dir"] * len(group),
+                    [c.num for c in group],
+                    [f"job_id_for_{c.num}" for c in group],
+                    [singleton_state] * len(group),
+                    [c.subdir for c in group],
+                )
+            except (submitit.core.utils.FailedJobError, OSError) as exc:
+                reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                done = f" ({len(job_ids)} cell(s) already submitted are in {sweep_dir / 'sweep.json'})" if job_ids \
+                    else ""
+                _refuse(f"Slurm refused {len(group)} cell(s) of hydra/launcher={launcher_name}: {reason}{done}; "
+                        "adjust hydra.launcher.* (partition, gpus, mem_per_gpu, ...)")
             submitted = now_iso()
             for cell, job in zip(group, jobs):
                 job_ids[cell.num] = str(job.job_id)

@@ -5,11 +5,15 @@ The cells are those of DIR/sweep.json (manifest.py). A cell's state, in this ord
 1. its Slurm job is in the queue (squeue): ``pending`` or ``running``. A job requeued after a preemption or a
    timeout is pending/running again. This comes first so that a relaunched cell whose previous attempt left a
    failed result.json shows as what it is now, not as the old failure;
-2. its result.json (posttrain.results.read_result): ``completed`` or ``failed``;
-3. its job's final state in accounting (sacct): COMPLETED without a result.json, FAILED, TIMEOUT (a job that
+2. a local cell (job_id null) whose ``.running.json`` names a live process: ``running`` (manifest.py);
+3. its result.json (posttrain.results.read_result): ``completed``, ``failed`` or ``cancelled`` (Ctrl-C, SIGTERM);
+4. a local cell whose ``.running.json`` names a dead process (``kill -9``): ``failed``;
+5. its job's final state in accounting (sacct): COMPLETED without a result.json, FAILED, TIMEOUT (a job that
    ends in TIMEOUT, i.e. was not or no longer requeued), OUT_OF_MEMORY, NODE_FAIL, ... -> ``failed``;
    CANCELLED -> ``cancelled``; PENDING/REQUEUED/RUNNING (accounting ahead of squeue) -> pending/running;
-4. otherwise ``missing``: never submitted (job_id null, no result), or a job the scheduler no longer knows.
+6. a local cell not started yet while the launching process (sweep.json's ``driver``) lives: ``pending``;
+7. otherwise ``missing``: never run (job_id null, no result, the launch is gone), or a job the scheduler no longer
+   knows.
 
 The scheduler is asked once per refresh for all job ids together (one squeue, one sacct), never once per cell.
 """
@@ -26,8 +30,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from posttrain.results import COMPLETED as RESULT_COMPLETED, FAILED as RESULT_FAILED, read_result
-from posttrain.sweep.manifest import read_manifest
+from posttrain.results import CANCELLED as RESULT_CANCELLED, COMPLETED as RESULT_COMPLETED, FAILED as RESULT_FAILED
+from posttrain.results import read_result
+from posttrain.sweep.manifest import alive, read_manifest, read_running
 
 STATES = ("completed", "failed", "cancelled", "running", "pending", "missing")
 ACTIVE = ("running", "pending")
@@ -191,6 +196,13 @@ def query_scheduler(job_ids: Iterable[str], final_ids: Iterable[str] | None = No
 
 
 # ------------------------------------------------------------------ one cell
+def _since(marker: Mapping) -> float | None:
+    try:
+        return max(0.0, (datetime.now().astimezone() - datetime.fromisoformat(str(marker["started"]))).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def main_metric(result: Mapping | None) -> float | None:
     metrics = (result or {}).get("metrics") or {}
     for task in MAIN_TASKS:
@@ -212,8 +224,10 @@ def _result_elapsed(result: Mapping) -> float | None:
     return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
-def cell_state(entry: Mapping, result: Mapping | None, job: JobInfo | None) -> CellStatus:
-    """The state of one sweep.json entry from its result.json and its job's scheduler record (rules: module doc)."""
+def cell_state(entry: Mapping, result: Mapping | None, job: JobInfo | None, marker: Mapping | None = None,
+               driver_alive: bool | None = False) -> CellStatus:
+    """The state of one sweep.json entry from its result.json and its job's scheduler record (rules: module doc);
+    for a cell of a local launch (no job id) also from its ``.running.json`` marker and the launching process."""
     job_id = entry.get("job_id")
     job_id = None if job_id is None else str(job_id)
     mapped = _SLURM_STATES.get(job.state, "failed") if job else None
@@ -221,19 +235,28 @@ def cell_state(entry: Mapping, result: Mapping | None, job: JobInfo | None) -> C
                 metric=main_metric(result))
     if job is not None and mapped in ACTIVE and job.source == "squeue":
         return CellStatus(state=mapped, elapsed_s=job.elapsed_s, detail=job.state, **base)
-    if result is not None and result.get("status") in (RESULT_COMPLETED, RESULT_FAILED):
+    if result is not None and result.get("status") in (RESULT_COMPLETED, RESULT_FAILED, RESULT_CANCELLED):
         elapsed = _result_elapsed(result)
         if elapsed is None and job is not None:
             elapsed = job.elapsed_s
         detail = ""
-        if result.get("status") == RESULT_FAILED and isinstance(result.get("error"), Mapping):
-            detail = str(result["error"].get("type") or "")
+        if result.get("status") in (RESULT_FAILED, RESULT_CANCELLED) and isinstance(result.get("error"), Mapping):
+            detail = str(result["error"].get("type" if result["status"] == RESULT_FAILED else "message") or "")
+        if marker is not None and alive(marker) is not False and job is None:
+            return CellStatus(state="running", elapsed_s=_since(marker), detail="relaunched", **base)
         return CellStatus(state=result["status"], elapsed_s=elapsed, detail=detail, **base)
+    if job is None and marker is not None:  # a local run: its process is alive, or died without a record
+        if alive(marker) is not False:
+            return CellStatus(state="running", elapsed_s=_since(marker), detail="local", **base)
+        return CellStatus(state="failed", elapsed_s=_since(marker), detail="process gone without a result.json",
+                          **base)
+    if job is None and job_id is None and driver_alive is not False:
+        return CellStatus(state="pending", elapsed_s=None, detail="local launch", **base)
     if job is not None:
         if mapped == "ended":  # the job finished cleanly but left no result.json
             return CellStatus(state="failed", elapsed_s=job.elapsed_s, detail="no result.json", **base)
         return CellStatus(state=mapped, elapsed_s=job.elapsed_s, detail=job.state, **base)
-    detail = "never submitted" if job_id is None else "job unknown to the scheduler"
+    detail = "never run" if job_id is None else "job unknown to the scheduler"
     return CellStatus(state="missing", elapsed_s=None, detail=detail, **base)
 
 
@@ -245,18 +268,21 @@ def collect_status(sweep_dir: str | os.PathLike, *, scheduler=query_scheduler) -
     if manifest is None:
         raise NoManifest(f"{sweep_dir}: no sweep.json here (not a sweep directory, or nothing was launched into it)")
     entries = [e for e in manifest["cells"] if isinstance(e, Mapping)]
-    results = {}
+    results, runs = {}, {}
     for entry in entries:
         run_dir = entry.get("run_dir") or str(sweep_dir / str(entry.get("cell")))
         if not Path(run_dir).exists() and entry.get("cell") is not None:
             run_dir = str(sweep_dir / str(entry["cell"]))  # the sweep directory was moved
         results[id(entry)] = read_result(run_dir)
+        runs[id(entry)] = run_dir
     # Every job id goes to squeue (an active job overrides an older result.json); sacct is only needed for the
     # cells that have no result.json.
     wanted = [str(e["job_id"]) for e in entries if e.get("job_id")]
     unsettled = [str(e["job_id"]) for e in entries if e.get("job_id") and results[id(e)] is None]
     jobs = scheduler(wanted, unsettled) if wanted else {}
-    return [cell_state(e, results[id(e)], jobs.get(str(e.get("job_id")))) for e in entries]
+    driver = alive(manifest.get("driver")) if manifest.get("driver") else False
+    return [cell_state(e, results[id(e)], jobs.get(str(e.get("job_id"))),
+                       None if e.get("job_id") else read_running(runs[id(e)]), driver) for e in entries]
 
 
 def count_states(cells: Iterable[CellStatus]) -> dict[str, int]:
@@ -284,7 +310,7 @@ def format_table(cells: list[CellStatus]) -> str:
     header = ("cell", "state", "job", "elapsed", f"{MAIN_TASKS[0]}/{MAIN_METRIC}")
     rows = [header]
     for c in cells:
-        state = c.state + (f" ({c.detail})" if c.detail and c.state in ("failed", "missing") else "")
+        state = c.state + (f" ({c.detail})" if c.detail and c.state in ("failed", "missing", "cancelled") else "")
         rows.append((c.cell, state, c.job_id or "-", format_elapsed(c.elapsed_s),
                      "-" if c.metric is None else f"{c.metric:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

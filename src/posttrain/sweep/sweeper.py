@@ -8,12 +8,13 @@ hands its product: the basic launcher runs them in-process, the Slurm launcher (
 slurm_h100) submits them. With ``sweep: null`` it expands the command line as the basic sweeper does.
 
 Relaunch without composing every cell. Before launching, a cell is skipped when its result.json says completed
-with the config hash this cell would have now (run.py's skip rule). Computing that hash needs the composed config,
-40-200 ms a cell through Hydra on our machines; so hashes are memoised under ``sha256(conf fingerprint, cell
-overrides)``. The conf fingerprint hashes everything the composition reads: every file of every config source
-(conf/, searchpath dirs, plugin packages), the non-hydra ConfigStore entries, posttrain/sweep/cells.py (the hash
-function) and the hydra-core/omegaconf versions; if any of them changes, no memo entry matches and cells are
-composed again. Two places hold the memo:
+with the config hash this cell would have now (posttrain.cell.is_done, the rule run.py skips by). Computing that
+hash needs the composed config, 40-200 ms a cell through Hydra on our machines; so hashes are memoised under
+``sha256(conf fingerprint, cell overrides)``. The conf fingerprint hashes everything the composition reads: every
+file of every config source (conf/, searchpath dirs, plugin packages), the non-hydra ConfigStore entries,
+posttrain/cell.py (the hash function), posttrain/sweep/cells.py and checks.py (the subdir and the variant's
+defaults) and the hydra-core/omegaconf versions; if any of them changes, no memo entry matches and cells are composed
+again. Two places hold the memo:
 
 - ``<sweep dir>/.config_hashes.json``, written by the sweeper from every composition it does (validation before a
   local launch, the skip check);
@@ -46,6 +47,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from posttrain.cell import completed_hash, config_hash, is_done
 from posttrain.sweep import files
 
 log = logging.getLogger(__name__)
@@ -112,11 +114,14 @@ def conf_fingerprint(config_sources: Sequence[Any]) -> str:
     """sha256 over everything a config composition reads (see the module docstring)."""
     from importlib.metadata import version
 
+    import posttrain.cell as identity_module
     import posttrain.sweep.cells as cells_module
+    import posttrain.sweep.checks as checks_module
 
     digest = hashlib.sha256()
     digest.update(f"hydra-core {version('hydra-core')} omegaconf {version('omegaconf')}\0".encode())
-    digest.update(Path(cells_module.__file__).read_bytes())
+    for module in (identity_module, cells_module, checks_module):  # the hash, the subdir, the variant's defaults
+        digest.update(Path(module.__file__).read_bytes())
     for source in config_sources:
         schema, location = str(source["schema"]), str(source["path"])
         digest.update(f"{schema}://{location}\0".encode())
@@ -202,8 +207,8 @@ class MemoTask:
     def _record(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from posttrain.cell import config_hash
         from posttrain.results import write_json_atomic
-        from posttrain.sweep.cells import config_hash
 
         hc = HydraConfig.get()
         overrides = list(hc.overrides.task)
@@ -211,15 +216,6 @@ class MemoTask:
         run_dir = Path(hc.runtime.output_dir)
         write_json_atomic(run_dir / CELL_KEY_FILE, {"key": memo_key(fingerprint, overrides),
                                                     "hash": config_hash(cfg)})
-
-
-def _read_result(run_dir: Path) -> Optional[dict]:
-    from posttrain.results import read_result
-
-    try:
-        return read_result(run_dir)
-    except (OSError, ValueError):
-        return None
 
 
 def split_completed(cells: Sequence[files.Cell], sweep_dir: Path, memo: HashMemo,
@@ -234,20 +230,18 @@ def split_completed(cells: Sequence[files.Cell], sweep_dir: Path, memo: HashMemo
     for num, cell in enumerate(cells):
         entry = memo.get(cell.overrides)
         subdir = entry["cell"] if entry else cell.path
-        result = _read_result(sweep_dir / subdir) if subdir else None
-        if result is None or result.get("status") != "completed":
+        if not subdir or completed_hash(sweep_dir / subdir) is None:
             todo.append(cell)
             continue
         if entry is not None:
             chash = entry["hash"]
-        elif subdir and (recorded := read_cell_key(sweep_dir / subdir, memo_key(memo.fingerprint, cell.overrides))):
+        elif recorded := read_cell_key(sweep_dir / subdir, memo_key(memo.fingerprint, cell.overrides)):
             chash = recorded  # the job recorded it, under the same conf fingerprint and overrides
             memo.put(cell.overrides, chash, subdir)
         else:
             subdir, chash = identity(cell.overrides, num)
             memo.put(cell.overrides, chash, subdir)
-            result = _read_result(sweep_dir / subdir) or {}
-        if result.get("status") == "completed" and result.get("config_hash") == chash:
+        if is_done(sweep_dir / subdir, chash):
             skipped.append((cell, subdir))
         else:
             todo.append(cell)
@@ -291,8 +285,6 @@ class PosttrainSweeperImpl(Sweeper):
     def _composed_identity(self, overrides: Sequence[str], num: int) -> tuple[str, str]:
         """(cell directory as Hydra computes it, config hash as run.py computes it) of one cell, by composition."""
         from hydra.core.hydra_config import HydraConfig
-
-        from posttrain.sweep.cells import config_hash
 
         cfg = self._compose(overrides)
         with open_dict(cfg):
@@ -343,6 +335,8 @@ class PosttrainSweeperImpl(Sweeper):
             print(f"{label}: {len(cells)} cells: {len(skipped)} already completed with the same config (skipped; "
                   f"checked in {time.perf_counter() - tic:.2f}s), {len(todo)} to launch into {sweep_dir}", flush=True)
 
+        if not dry_run and todo and not self._launcher_composes_first():
+            self._list_in_manifest(sweep_dir, todo)  # before the first cell runs: status works from now on
         returns: List[Sequence[JobReturn]] = []
         size = self.max_batch_size if self.max_batch_size and self.max_batch_size > 0 else max(1, len(todo))
         first = 0
@@ -379,6 +373,18 @@ class PosttrainSweeperImpl(Sweeper):
                 log.warning(f"cell {overrides}: Hydra's directory {subdir} differs from the fast path's {cell.path}")
             if memo is not None:
                 memo.put(overrides, chash, subdir)
+
+    def _list_in_manifest(self, sweep_dir: Path, todo: List[files.Cell]) -> None:
+        """sweep.json entries (no job id) for the cells this local launch will run, before it runs any (the ones
+        whose directory needs composing are added by the callback as they start)."""
+        from posttrain.sweep.manifest import make_entry, write_manifest
+
+        assert self.config is not None
+        entries = [make_entry(sweep_dir, cell=Path(c.path).as_posix(), overrides=c.overrides, job_id=None)
+                   for c in todo if c.path is not None]
+        launcher = str(self.config.hydra.runtime.choices.get("hydra/launcher") or "basic")
+        write_manifest(sweep_dir, entries, sweep=str(OmegaConf.select(self.config, "sweep_name",
+                                                                      default=sweep_dir.name)), launcher=launcher)
 
     def _keep_manifest_entries(self, sweep_dir: Path, skipped: List[tuple[files.Cell, str]]) -> None:
         from posttrain.sweep.manifest import make_entry, read_manifest, write_manifest
