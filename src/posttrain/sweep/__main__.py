@@ -10,6 +10,8 @@ prefetch: everything the launch's cells need (models, tokenizers, datasets, lm-e
         runtime) in the mirror (``mirror=DIR`` or POSTTRAIN_MIRROR), downloaded where the hub is reachable, else
         listed one line each; exit 0 when all is there, 1 when something is missing, 2 on a usage error
         (posttrain.sweep.prefetch).
+plan:   runs, tokens and estimated GPU-hours per scale, with and without the shared per-scale caches
+        (posttrain.sweep.plan).
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     p_prefetch.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                             help="as for `python launch.py -m`: sweep=NAME, algo=dpo,simpo scale=0.5b,7b seed=0-4, "
                                  "mirror=DIR")
+    p_plan = sub.add_parser("plan", help="tokens and estimated GPU-hours, with and without the shared caches",
+                            add_help=False)
+    p_plan.add_argument("overrides", nargs=argparse.REMAINDER, help="sweep=NAME, KEY=VALUE, --mfu F ... (--help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # its own options (--mfu, --help, ...) may come first
+        from posttrain.sweep.plan import main as plan
+
+        return plan(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "prefetch":
         from posttrain.sweep.prefetch import prefetch
