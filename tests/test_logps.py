@@ -110,6 +110,15 @@ def test_model_without_a_head_takes_the_plain_path():
     torch.testing.assert_close(_fast(Wrapped(), batch), _plain(model, batch), atol=0, rtol=0)
 
 
+def test_a_model_that_reshapes_its_logits_after_the_head_takes_the_plain_path():
+    """Gemma-2's soft-capping and Cohere's logit scale act after the head, inside the CausalLM's forward: calling
+    the head alone would skip them, so such a model keeps the full path (same values as the plain call)."""
+    model, batch = _model(), _batch()
+    model.config.final_logit_softcapping = 30.0
+    assert logps._pieces(model) is None
+    torch.testing.assert_close(_fast(model, batch), _plain(model, batch))
+
+
 def test_a_batch_without_completion_tokens_still_backpropagates():
     """DAPO's overlong filter can mask every completion of a micro-batch: the fast path still calls the head (once,
     on no row), so the zero loss stays in the graph and backward runs, giving zero gradients as the plain path."""

@@ -87,6 +87,24 @@ def test_new_keys_need_a_plus_and_group_options_are_checked_without_composing():
     assert checks.check_cells([["algo=sgrpo", "algo.max_new_tokens=6"]], CONF) == 1
 
 
+def test_interpolations_plus_on_existing_keys_nested_algo_keys_and_float_limits():
+    """A review's findings: an interpolated value is composed, not type-checked here; + on a key that is there is
+    Hydra's 'Could not append' (refused here, before any job is submitted); a new nested algo key needs +; lm-eval
+    takes eval.limit=1.0 as one document."""
+    assert checks.check_cells([["algo=grpo", "algo.max_new_tokens=${scale.max_new_tokens}"],
+                               ["trainer.lr=${scale.lr}"]], CONF) == 2
+    with pytest.raises(ConfigError, match=r"trainer.lr is already in the config; .* \+\+trainer.lr=1e-5"):
+        checks.check_cells([["+trainer.lr=1e-5"]], CONF)
+    with pytest.raises(ConfigError, match="algo.beta is already in the config"):
+        checks.check_cells([["+algo.beta=0.2"]], CONF)
+    with pytest.raises(ConfigError, match=r"no key rewards.format in algo .*use \+algo.rewards.format=0.1"):
+        checks.check_cells([["algo=grpo", "algo.rewards.format=0.1"]], CONF)
+    assert checks.check_cells([["algo=grpo", "+algo.rewards.format=0.1"], ["++trainer.lr=1e-5"],
+                               ["eval.limit=1.0"], ["eval.limit=0.5"]], CONF) == 4
+    with pytest.raises(ConfigError, match="eval.limit=1.5"):
+        checks.check_cells([["eval.limit=1.5"]], CONF)
+
+
 def test_no_sweep_file_test_or_readme_adds_a_key_without_plus():
     """Struct mode: every override key a sweep file sets exists in the config (or is added with +)."""
     from posttrain.sweep import files

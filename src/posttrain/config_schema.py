@@ -72,7 +72,9 @@ class Spec:
                 return all(_int(v) and v >= 0 for v in value.values())
             return _int(value) and value >= 0
         if self.kind == "limit":
-            return (_int(value) and value >= 1) or (isinstance(value, float) and 0 < value < 1)
+            # lm-eval: a limit under 1 is a fraction of the documents, from 1 on a count (int(limit))
+            return (_number(value) and value >= 1 and float(value).is_integer()) or (
+                isinstance(value, float) and 0 < value < 1)
         if self.kind == "int" and not _int(value):
             return False
         if self.kind == "float" and not (_number(value) and math.isfinite(float(value))):

@@ -104,8 +104,9 @@ class Preemption:
         self.pending = (signum, frame)
 
     def _defer_cancel(self, signum, frame) -> None:
-        if self.pending is not None and self.pending[0] in self._cancel:
-            raise Cancelled(signum)  # the second Ctrl-C: stop now (the last checkpoint stays)
+        if self.pending is not None and self.pending[0] == signum:
+            raise Cancelled(signum)  # the same signal again: stop now (the last checkpoint stays); torchrun's
+            # SIGTERM after a Ctrl-C is not a second request, it lets the step finish and checkpoint
         print(f"\n[cancelling] {signal.Signals(signum).name}: checkpointing at the end of this step, then stopping "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
         self.pending = (signum, frame)

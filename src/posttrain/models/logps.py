@@ -92,6 +92,9 @@ def _pieces(model):
         return None
     if "logits_to_keep" not in accepted:
         return None
+    config = getattr(causal_lm, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None  # the CausalLM reshapes the head's logits after it (Gemma-2 soft-capping, Cohere's scale)
     return inner, body, head
 
 

@@ -107,9 +107,19 @@ def _parse(line: str) -> tuple[str, str, Any]:
     (override,) = _parser().parse_overrides([line])
     key = override.key_or_group
     prefix = "~" if override.is_delete() else ("++" if override.is_force_add() else ("+" if override.is_add() else ""))
-    text = override.get_value_element_as_str() if override.value() is not None else "null"
-    value = _MISSING if "${" in str(text) else override.value()
-    return prefix, key, value
+    value = override.value()
+    return prefix, key, (_MISSING if _interpolated(value) else value)
+
+
+def _interpolated(value: Any) -> bool:
+    """Whether a parsed override value holds an interpolation anywhere (``${scale.lr}``, in a list or dict too)."""
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_interpolated(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_interpolated(v) for v in value)
+    return False
 
 
 def _valid(names: Iterable[str]) -> str:
@@ -136,11 +146,12 @@ def check_cell(overrides: Sequence[str], conf_dir: str | Path) -> Optional[tuple
             if prefix != "~" and value is not _MISSING and (Path(conf) / root / f"{value}.yaml").is_file() is False:
                 raise ConfigError(f"{line}: Could not find '{root}/{value}'; valid: {_valid(options(conf, root))}")
             continue
+        # a top-level algo.* key without + is the hyperparameter schema's to judge (unknown vs. needs +, below)
+        if prefix == "+" or (prefix == "" and not (root == "algo" and "." not in rest)):
+            _check_exists(conf, top, chosen, root, rest, line, adding=prefix == "+")
         if root == "algo":
             algo_lines.append((prefix, rest, value, line))
             continue
-        if prefix == "":
-            _check_exists(conf, top, chosen, root, rest, line)
         if prefix != "~" and value is not _MISSING:
             check_value(key, value, shown=line.partition("=")[2])
     if not algo_lines:
@@ -163,8 +174,18 @@ def check_cell(overrides: Sequence[str], conf_dir: str | Path) -> Optional[tuple
     return name, {"hparams": hparams, "missing": missing}
 
 
-def _check_exists(conf: str, top: dict, chosen: dict, root: str, rest: str, line: str) -> None:
-    """Struct mode, as Hydra applies it: a key that is not in the config needs ``+``."""
+def _check_exists(conf: str, top: dict, chosen: dict, root: str, rest: str, line: str, adding: bool = False) -> None:
+    """Struct mode, as Hydra applies it: a key that is not in the config needs ``+``; ``+`` on a key that is there
+    is refused (Hydra: "Could not append"), so ``adding`` checks the opposite."""
+    if adding:
+        try:
+            _check_exists(conf, top, chosen, root, rest, line)
+        except ConfigError:
+            return  # not there: + adds it
+        if root == "algo" and not rest:
+            return
+        raise ConfigError(f"{line}: {line.partition('=')[0].lstrip('+')} is already in the config; set it without "
+                          f"+ ({line.lstrip('+')}) or force it with +{line}")
     if root in chosen:
         node: Any = group_node(conf, root, chosen[root]) or {}
         where = f"{root} ({root}/{chosen[root]}.yaml)"
