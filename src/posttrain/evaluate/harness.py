@@ -11,6 +11,9 @@ Generation settings: ``eval.max_gen_toks`` reaches every generate_until task thr
 ``gen_kwargs`` (lm-eval's real tasks otherwise use HFLM's default of 256 tokens), and the generation kwargs each
 task ran with are handed back (``generation=``) so result.json records what ran, not what was asked for.
 
+``eval.backend=vllm`` runs lm-eval's own ``vllm`` model type instead of HFLM, same tasks and generation kwargs
+(posttrain.rollout.vllm_backend.lm_eval_model; docs/real-scales.md, "vLLM (optional)").
+
 Metrics are returned exactly as lm-eval names them (``exact_match,strict-match``, ``acc_norm,none``, ...),
 non-numeric entries (``N/A``) dropped.
 """
@@ -84,13 +87,31 @@ def evaluate(model, tokenizer, eval_cfg, *, seed: int = 0, mirror: str | None = 
 
     ``mirror``: the local mirror directory (config key ``mirror``); ``generation``: filled with
     ``{task: generation kwargs as run}`` for the generate_until tasks; ``autocast_dtype``: HFLM's
-    ``mixed_precision_dtype`` (bf16 forwards over float32 weights, as the run trained; None: the weights' dtype)."""
+    ``mixed_precision_dtype`` (bf16 forwards over float32 weights, as the run trained; None: the weights' dtype).
+
+    Collective under a process group of N > 1 ranks: every rank calls it with its own copy of the model and
+    evaluates its share of the documents (posttrain.evaluate.data_parallel); rank 0 returns the metrics one process
+    would compute, the other ranks ``{}``. Where ``eval.limit`` leaves fewer documents than ranks, rank 0 evaluates
+    alone and the others return ``{}`` at once.
+
+    ``eval.backend=vllm``: lm-eval's own ``vllm`` model type with the same task generation kwargs, built from the
+    model's directory and given its current weights (posttrain.rollout.vllm_backend.lm_eval_model); rank 0 alone."""
+    if eval_backend(eval_cfg) == "vllm":
+        return _evaluate_vllm(model, tokenizer, eval_cfg, seed=seed, mirror=mirror, generation=generation,
+                              autocast_dtype=autocast_dtype)
     from lm_eval.models.huggingface import HFLM
 
+    from posttrain.evaluate.data_parallel import DataParallelHFLM, eval_world_size
+    from posttrain.models.distributed import is_main_process
+
+    sharded = eval_world_size(eval_cfg.limit) > 1
+    if not sharded and not is_main_process():
+        return {}
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(eval_cfg.batch_size),
+        lm_class = DataParallelHFLM if sharded else HFLM
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=int(eval_cfg.batch_size),
                   device=str(next(model.parameters()).device),
                   max_length=getattr(model.config, "max_position_embeddings", 2048),
                   mixed_precision_dtype=autocast_dtype)
@@ -99,11 +120,34 @@ def evaluate(model, tokenizer, eval_cfg, *, seed: int = 0, mirror: str | None = 
         model.train(was_training)
 
 
+def eval_backend(eval_cfg) -> str:
+    """``eval.backend``: hf (HFLM, the default) or vllm; what result.json's ``eval.backend`` records."""
+    return str(eval_cfg.get("backend") or "hf")
+
+
+def _evaluate_vllm(model, tokenizer, eval_cfg, *, seed, mirror, generation, autocast_dtype):
+    from posttrain.models.distributed import is_main_process
+    from posttrain.rollout import vllm_backend
+
+    if not is_main_process():
+        return {}
+    with tempfile.TemporaryDirectory(prefix="posttrain-eval-adapter-") as adapter_dir:
+        lm = vllm_backend.lm_eval_model(model, tokenizer, eval_cfg, seed=seed, dtype=autocast_dtype,
+                                        adapter_dir=adapter_dir)
+        try:
+            return evaluate_lm(lm, eval_cfg, seed=seed, mirror=mirror, generation=generation)
+        finally:
+            del lm
+            vllm_backend.release()
+
+
 def evaluate_lm(lm, eval_cfg, *, seed: int = 0, mirror: str | None = None,
                 generation: dict | None = None) -> dict[str, dict[str, float]]:
     """Run lm-eval's ``simple_evaluate`` with any lm-eval ``LM`` (HFLM, or a test oracle); see :func:`evaluate`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    from posttrain.evaluate.data_parallel import ShardedTaskManager
 
     tasks = list(eval_cfg.tasks)
     unknown_embedded = [t for t in tasks if t.startswith("synth_") and t not in EMBEDDED]
@@ -125,7 +169,8 @@ def evaluate_lm(lm, eval_cfg, *, seed: int = 0, mirror: str | None = None,
         if set(tasks) & EMBEDDED:
             include.append(str(embedded_task_dir(int(eval_cfg.max_gen_toks))))
         include.append(overrides)
-        task_manager = TaskManager(include_path=include, include_defaults=dirs is None)
+        manager = ShardedTaskManager if lm.world_size > 1 else TaskManager  # data_parallel: one-process prompts
+        task_manager = manager(include_path=include, include_defaults=dirs is None)
         for shots, group in _fewshot_groups(tasks, eval_cfg.num_fewshot).items():
             needs_math = any(leaf.lm_eval_dir in math_runtime.TASK_DIRS
                              for leaf in lm_eval_tasks.leaf_tasks([t for t in group if t not in EMBEDDED], index))
@@ -135,6 +180,8 @@ def evaluate_lm(lm, eval_cfg, *, seed: int = 0, mirror: str | None = None,
                     apply_chat_template=bool(eval_cfg.apply_chat_template), log_samples=False,
                     bootstrap_iters=1000, gen_kwargs=gen_kwargs, random_seed=seed, numpy_random_seed=seed,
                     torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR")
+            if out is None:  # a rank > 0 of a data-parallel evaluation: rank 0 holds the gathered metrics
+                continue
             for task, metrics in out["results"].items():
                 results[task] = _numeric(metrics)
             if generation is not None:

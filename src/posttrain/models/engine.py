@@ -386,8 +386,8 @@ def gathered(model):
     """Full weights on every rank for the duration (ZeRO-3); yields the bare model. A no-op otherwise.
 
     Collective: EVERY rank must enter (and leave) it. Inside, ZeRO-3's forward hooks are detached, so each rank's
-    forwards are purely local (generation of any length, lm-eval on rank 0 only); changes to the weights inside are
-    discarded on exit (the partitions are the truth).
+    forwards are purely local (generation of any length, lm-eval on each rank's share of the documents); changes to
+    the weights inside are discarded on exit (the partitions are the truth).
     """
     ds, module = _engine_of(model)
     offload = None if ds is None else _zero3_offload(ds)
