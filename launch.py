@@ -159,6 +159,8 @@ def launch_cells(argv: list[str], sweep_file: Path | None) -> list | None:
         for line in launcher:
             checks.check_cell([line], CONF_DIR)
         checks.check_cells([c.overrides for c in cells], CONF_DIR)
+        if not launcher and not (dry and dry[-1] in TRUE):  # the cells run here: can their backend run here?
+            checks.check_backends_here([c.overrides for c in cells])
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     return cells

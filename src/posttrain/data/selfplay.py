@@ -55,6 +55,7 @@ from posttrain.rollout import SamplingConfig, sample, sampling_record, stop_ids
 SELFPLAY_VERSION = 2
 DATA_KINDS = ("pairs", "unpaired", "selfplay_chosen", "gold", "prompts")
 PROMPT_FORMATS = ("raw", "fewshot")
+GENERATION_BACKENDS = ("hf", "vllm")  # posttrain.rollout.vllm_backend.BACKENDS (that module stays vllm-free too)
 #: lm-eval gsm8k's ``fewshot_delimiter`` (the default) and ``generation_kwargs.until``.
 FEWSHOT_DELIMITER = "\n\n"
 LM_EVAL_GSM8K_UNTIL = ("Question:", "</s>", "<|im_end|>")
@@ -157,11 +158,32 @@ def check_lengths(tokenizer, prompts: list[str], max_length: int, max_new_tokens
     return longest
 
 
+def generation_backend(data_cfg) -> str:
+    """``data.generation_backend``: hf (generate, the default) or vllm (posttrain.rollout.vllm_backend)."""
+    name = str(data_cfg.get("generation_backend") or "hf")
+    if name not in GENERATION_BACKENDS:
+        raise ValueError(f"unknown data.generation_backend {name!r}; known: {', '.join(GENERATION_BACKENDS)}")
+    return name
+
+
 def sampling_config(data_cfg) -> SamplingConfig:
     """The self-play sampler settings of a data block."""
     return SamplingConfig(num_samples=int(data_cfg.samples_per_prompt), temperature=float(data_cfg.temperature),
                           top_p=float(data_cfg.top_p), max_new_tokens=int(data_cfg.max_new_tokens),
-                          stop_strings=stop_strings(data_cfg), batch_size=int(data_cfg.generation_batch_size))
+                          stop_strings=stop_strings(data_cfg), batch_size=int(data_cfg.generation_batch_size),
+                          backend=generation_backend(data_cfg))
+
+
+def selfplay_record(cfg: SamplingConfig, stops: list[int], pad_id: int | None, precision: str = "fp32") -> dict:
+    """What the self-play samples are drawn with (the manifest's ``sampling``, part of the cache key):
+    :func:`posttrain.rollout.sampling_record`, plus ``precision`` when not fp32 and ``backend`` when not hf (the
+    keys of fp32 / hf sample sets stay as they were; another backend draws other samples from the same seed)."""
+    record = sampling_record(cfg, stops, pad_id)
+    if precision != "fp32":
+        record = {**record, "precision": precision}
+    if cfg.backend != "hf":
+        record = {**record, "backend": cfg.backend}
+    return record
 
 
 def _selfplay_key(base_id: str, data_cfg, sampling: dict) -> str:
@@ -217,15 +239,17 @@ def selfplay_samples(model, tokenizer, base_id: str, data_cfg, *, precision: str
     data block. ``base_id`` is the configured model id (a hub id, not where a mirror keeps it: moving the mirror
     must not regenerate the data); ``precision`` (``trainer.precision``) is what the sampling computes in."""
     cfg = sampling_config(data_cfg)
-    record = sampling_record(cfg, stop_ids(model, tokenizer), tokenizer.pad_token_id)
-    if precision != "fp32":  # fp32 keys unchanged
-        record = {**record, "precision": precision}
+    record = selfplay_record(cfg, stop_ids(model, tokenizer), tokenizer.pad_token_id, precision)
     fmt = prompt_format(data_cfg)
 
     def build(tmp: Path) -> None:
         prompts = training_prompts(data_cfg)
         rollouts = sample(model, tokenizer, [p.prompt for p in prompts], cfg, seed=int(data_cfg.seed),
                           progress=True, desc="self-play")
+        if cfg.backend == "vllm":  # training needs the GPU memory the engine holds
+            from posttrain.rollout.vllm_backend import release
+
+            release()
         records = []
         with open(tmp / "samples.jsonl", "w") as handle:
             for problem, rollout in zip(prompts, rollouts):
@@ -250,15 +274,18 @@ def load_records(path: Path) -> list[dict]:
 
 
 def make_examples(records: list[dict], kind: str, *, seed: int = 0, sft_source: str = "chosen",
-                  stop_strings: tuple[str, ...] = ()) -> list[dict]:
+                  stop_strings: tuple[str, ...] = (), generation_backend: str = "hf") -> list[dict]:
     """Turn cached self-play records into the examples of one data kind (deterministic given ``seed``).
 
     ``stop_strings`` (the prompt format's, :func:`stop_strings`) go with the examples of the kinds online methods
-    sample from (``prompts``, ``gold``), so their rollouts stop where the self-play samples did.
+    sample from (``prompts``, ``gold``), so their rollouts stop where the self-play samples did; so does
+    ``generation_backend`` (:func:`generation_backend`) when it is not hf, so they sample with it.
     """
     if kind not in DATA_KINDS:
         raise ValueError(f"unknown data kind {kind!r}; known: {DATA_KINDS}")
     stops = {"stop_strings": list(stop_strings)} if stop_strings else {}
+    if generation_backend != "hf":
+        stops["generation_backend"] = generation_backend
     if kind == "prompts":
         return [{"prompt": r["prompt"], "answer": r["answer"], **stops} for r in records]
     rng = random.Random(seed)

@@ -105,10 +105,16 @@ def _stop_strings(examples: list[dict], indices) -> tuple[str, ...]:
     return tuple(examples[indices[0]].get("stop_strings", ())) if len(indices) else ()
 
 
+def _backend(examples: list[dict], indices) -> str:
+    """``data.generation_backend``, carried by the examples like the stop strings (hf when they name none)."""
+    return str(examples[indices[0]].get("generation_backend", "hf")) if len(indices) else "hf"
+
+
 def sample_groups(policy, tokenizer, examples: list[dict], indices: list[int], rc: dict, seed: int) -> list[Group]:
     cfg = SamplingConfig(num_samples=rc["num_samples"], temperature=float(rc["temperature"]),
                          top_p=float(rc["top_p"]), max_new_tokens=rc["max_new_tokens"],
-                         stop_strings=_stop_strings(examples, indices), batch_size=rc["generation_batch_size"])
+                         stop_strings=_stop_strings(examples, indices), batch_size=rc["generation_batch_size"],
+                         backend=_backend(examples, indices))
     rollouts = sample(policy, tokenizer, [examples[i]["prompt"] for i in indices], cfg, seed=seed)
     groups = []
     for i, r in zip(indices, rollouts):
@@ -124,7 +130,8 @@ def greedy_scores(policy, tokenizer, examples: list[dict], groups: list[Group], 
     """ReMax's baseline: one greedy decode per prompt, scored like the samples."""
     wanted = sorted({g.example for g in groups})
     cfg = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=rc["max_new_tokens"],
-                         stop_strings=_stop_strings(examples, wanted), batch_size=rc["generation_batch_size"])
+                         stop_strings=_stop_strings(examples, wanted), batch_size=rc["generation_batch_size"],
+                         backend=_backend(examples, wanted))
     rollouts = sample(policy, tokenizer, [examples[i]["prompt"] for i in wanted], cfg, seed=seed)
     by_example = {}
     for i, r in zip(wanted, rollouts):

@@ -20,6 +20,8 @@ Sampling as configured, nothing else:
   transformers fills every field a passed config leaves unset from the model's (Qwen's ships
   ``repetition_penalty`` 1.05, ``top_k`` 20, ``top_p`` 0.8, ``temperature`` 0.7), so without that a model's
   defaults would apply without being asked for. :func:`sampling_record` is what ran, as a plain dict for result.json.
+- **Backend.** ``SamplingConfig.backend=vllm`` (``data.generation_backend``) samples the same settings with vLLM
+  (posttrain.rollout.vllm_backend; docs/real-scales.md, "vLLM (optional)"); hf is the default and the tested path.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class SamplingConfig:
     max_new_tokens: int = 128
     stop_strings: tuple[str, ...] = field(default=())  # lm-eval's ``until``: the text is cut before the first
     batch_size: int = 256  # sequences per generate() call
+    backend: str = "hf"  # hf (generate) | vllm (posttrain.rollout.vllm_backend; data.generation_backend)
 
 
 @dataclass
@@ -164,7 +167,12 @@ def finish(tokenizer, row: list[int], stops: list[int], pad_id: int | None,
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig, *, seed: int = 0,
            progress: bool = False, desc: str = "sampling") -> list[Rollout]:
-    """Generate ``cfg.num_samples`` completions per prompt (in prompt order, samples grouped per prompt)."""
+    """Generate ``cfg.num_samples`` completions per prompt (in prompt order, samples grouped per prompt);
+    ``cfg.backend=vllm`` samples the same settings with vLLM (posttrain.rollout.vllm_backend)."""
+    if cfg.backend == "vllm":
+        from posttrain.rollout.vllm_backend import sample_vllm
+
+        return sample_vllm(model, tokenizer, prompts, cfg, seed=seed, progress=progress, desc=desc)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from posttrain.config_schema import ConfigError, check_algo, check_value
+from posttrain.config_schema import BACKEND_KEYS, ConfigError, check_algo, check_backends, check_value
 
 #: Launchers Hydra itself or its installed plugins provide (conf/hydra/launcher/*.yaml add posttrain's).
 BUILTIN_LAUNCHERS = ("basic",)
@@ -228,6 +228,18 @@ def check_cells(cells: Iterable[Sequence[str]], conf_dir: str | Path) -> int:
             raise ConfigError(_in_cell(f"{line}: {name} accepts {line.partition('=')[0]} but conf/algo has no such "
                                        f"key; add it with +{line}", overrides, len(cells)))
     return len(cells)
+
+
+def check_backends_here(cells: Iterable[Sequence[str]]) -> None:
+    """Cells that run in this process (no launcher override, not a dry run: the caller decides): a backend key set to
+    vllm where vllm cannot run here is one ConfigError line (config_schema.check_backends), before Hydra starts.
+    Cells sent to a cluster are checked where they run (run.py, on the composed config)."""
+    for overrides in cells:
+        for line in overrides:
+            _, key, value = _parse(line)
+            if key in BACKEND_KEYS and value == "vllm":
+                group, _, leaf = key.partition(".")
+                check_backends({group: {leaf: value}})
 
 
 def _in_cell(message: str, overrides: Sequence[str], n_cells: int) -> str:
