@@ -13,7 +13,11 @@ precision, the implementations take turns one optimizer step at a time (the orde
 - ``trl_no_gc``: the same with ``gradient_checkpointing=False``;
 - ``posttrain_masked`` (asked for with ``--impls``): the pairwise objective as it runs once it passes its completion
   mask to ``token_logps`` (policy and reference log-probs on completion positions only), on the same loop and engine
-  (throughput_arms.masked_pairwise).
+  (throughput_arms.masked_pairwise);
+- ``posttrain_study`` (asked for with ``--impls``): posttrain as a study runs it, with the two per-scale savings on
+  (docs/training.md): reference log-probs from the per-scale cache (no reference forward and no reference copy in
+  the step; the pre-pass that fills the cache is timed apart as ``reference_prepass_s``: a scale pays it once for
+  all its algorithms and seeds) and each step's pairs grouped by length (``trainer.group_by_length``).
 
 TRL 1.16 already computes log-probs only on completion positions (its fused LM head, ``add_fused_lm_head``: the
 backbone once, the head in tiles over the positions with a label), so ``posttrain`` (full-vocabulary logits for
@@ -70,7 +74,7 @@ SCALES = {
     "1.5b": dict(qwen="1.5b", pairs=512, prompt=(128, 256), completion=(192, 384), max_length=512, micro=8, accum=1,
                  precision="bf16-mixed"),
 }
-IMPLS = ("posttrain", "trl", "trl_no_gc", "posttrain_masked")
+IMPLS = ("posttrain", "trl", "trl_no_gc", "posttrain_masked", "posttrain_study")
 WORDS = ("the", "number", "of", "apples", "is", "and", "then", "so", "total", "each", "she", "has", "more", "than")
 
 
@@ -198,6 +202,9 @@ def main(argv=None) -> int:
         "posttrain_masked": lambda: posttrain_arm(copy.deepcopy(base), pairs, tokenizer, scale, args.algo, device,
                                                   total, records["posttrain_masked"], baton, name="posttrain_masked",
                                                   objective=masked_pairwise),
+        "posttrain_study": lambda: posttrain_arm(copy.deepcopy(base), pairs, tokenizer, scale, args.algo, device,
+                                                 total, records["posttrain_study"], baton, name="posttrain_study",
+                                                 cached=True),
     }
     warm_imports(impls)  # module imports are not thread-safe (TRL's lazy modules): all of them here, first
     runs = {n: arms[n]() for n in impls}
@@ -232,6 +239,7 @@ def main(argv=None) -> int:
             "logps_chunk": logps.CHUNK if name.startswith("posttrain") else None,
             "params": n_params, "lr": OPTIM["lr"], "precision": scale["precision"], "micro_batch": scale["micro"],
             "grad_accum": scale["accum"], "threads": args.threads, "note": args.note,
+            "reference_prepass_s": None if rec.prepass_s is None else round(rec.prepass_s, 3),
             "seconds_measure": "thread CPU time" if not cuda else "wall time (synchronised)",
         })
     report(lines)

@@ -46,6 +46,13 @@ class Clock:
             torch.cuda.synchronize()
         self._t, self._w = time.thread_time(), time.perf_counter()
 
+    def now(self) -> float:
+        """The clock's reading: this thread's CPU time (CPU) or synchronised wall time (CUDA)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.thread_time()
+
     def stop(self):
         if self.cuda:
             torch.cuda.synchronize()
@@ -153,7 +160,10 @@ def masked_pairwise(policy, reference, batch, algo, hparams, ctx):
 
 
 def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec, baton, *, name="posttrain",
-                  objective=None):
+                  objective=None, cached=False):
+    """``cached``: as a study runs it -- the reference log-probs from the per-scale cache (their pre-pass timed
+    apart, ``rec.prepass_s``: a scale pays it once for all its runs; no reference copy kept) and each step's pairs
+    grouped by length (trainer.group_by_length)."""
     from omegaconf import OmegaConf
 
     from posttrain.algorithms import get
@@ -169,10 +179,24 @@ def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec,
                                     warmup_ratio=0.0, schedule="constant", precision=scale["precision"],
                                     micro_batch_size=scale["micro"], grad_accum=scale["accum"]))
     model.to(device).train()
-    reference = Reference(model if algo.needs_reference({"beta": 0.1}) else None)
+    micro, per_step = scale["micro"], scale["micro"] * scale["accum"]
+    if cached:
+        from posttrain.algorithms import reference_cache
+        from posttrain.models.precision import Precision
+
+        pairs = pairs[:(steps + 1) * per_step]
+        started = rec.clock.now()
+        table = reference_cache.score_rows(model, tokenizer, reference_cache.rows(algo.data, pairs),
+                                           max_length=scale["max_length"], batch_size=2 * micro,
+                                           autocast=lambda: Precision.from_config(scale["precision"]).autocast(device),
+                                           progress=False)
+        rec.prepass_s = rec.clock.now() - started
+        pairs = reference_cache.attach(algo.data, pairs, table)
+        reference = reference_cache.CachedReference()
+    else:
+        reference = Reference(model if algo.needs_reference({"beta": 0.1}) else None)
     engine = make_engine(model, trainer, total_steps=steps)
     objective, memory = objective or family_objective(algo), LoopMemory()
-    micro, per_step = scale["micro"], scale["micro"] * scale["accum"]
     heads = HeadRows(model)
 
     def run():
@@ -197,6 +221,10 @@ def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec,
 
     def update(i):
         chunk = pairs[i * per_step:(i + 1) * per_step]
+        if cached:
+            from posttrain.train import example_length
+
+            chunk = sorted(chunk, key=example_length)
         batches = []
         for k in range(0, len(chunk), micro):
             batch = collate(algo.data, tokenizer, chunk[k:k + micro], scale["max_length"])
@@ -272,3 +300,4 @@ def trl_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec, baton
 class Record:
     def __init__(self, cuda):
         self.clock, self.losses, self.head_rows, self.peak, self.resident = Clock(cuda), [], [], None, None
+        self.prepass_s = None

@@ -46,7 +46,10 @@ def test_default_run_writes_a_complete_result(first_run):
     train = result["train"]
     assert train["steps"] == 4 and train["examples"] == 32 and len(train["loss_curve"]) == 4
     assert [s for s, _ in train["loss_curve"]] == [1, 2, 3, 4] and train["tokens_per_s"] > 0
-    assert train["reference_forwards"] == 4, "DPO runs one reference forward per micro-batch"
+    assert train["reference_forwards"] == 0 and train["reference_cache"] is True, \
+        "DPO reads its reference log-probs from the per-scale cache: no reference forward in the loop"
+    hits = result["provenance"]["cache_hits"]
+    assert [k for k in hits if k.startswith("reference_logps/")], "the cache entry is recorded in the provenance"
     assert result["config"]["algo"]["beta"] == 0.1 and result["provenance"]["versions"]["torch"]
     assert "[completed] dpo@" in proc.stdout and "synth_gsm8k exact_match/strict-match" in proc.stdout
     assert not (cell / "checkpoint").exists(), "checkpoints are removed once the run completed"
@@ -105,7 +108,19 @@ def test_algorithms_of_every_family_run_and_reference_free_ones_never_call_a_ref
     cell = next((workdir / "outputs/run").glob(f"{algo}@*/tiny-s/lora-off/seed-0"))
     result = read_json(cell / "result.json")
     assert result["status"] == "completed" and result["train"]["reference_forwards"] == refs
+    assert result["train"]["reference_cache"] is False
     assert result["train"]["examples"] == 32
+
+
+def test_without_the_reference_cache_dpo_runs_its_reference_and_trains_the_same(first_run, workdir):
+    (workdir / "nocache").mkdir()
+    launch(["trainer.reference_cache=false", *FAST], workdir / "nocache", check=True)
+    result = read_json(workdir / "nocache" / CELL / "result.json")
+    cached = read_json(first_run[1] / "result.json")
+    assert result["config_hash"] == cached["config_hash"], "the cache is not part of a cell's identity"
+    assert result["train"]["reference_forwards"] == 4 and result["train"]["reference_cache"] is False
+    for (_, a), (_, b) in zip(result["train"]["loss_curve"], cached["train"]["loss_curve"]):
+        assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_sft_and_gold_sft_train_on_the_same_number_of_examples(workdir):
@@ -118,8 +133,9 @@ def test_lora_run_uses_the_adapter_disabled_base_as_reference(workdir):
     launch(["lora=on", *FAST], workdir, check=True)
     result = read_json(workdir / "outputs/run" / CELL.parts[2] / "tiny-s/lora-on/seed-0/result.json")
     assert result["status"] == "completed" and result["lora"] is True
-    assert result["train"]["reference_forwards"] == 4 and result["config"]["lora"]["r"] == 16
-    # LoRA at init is the identity: the first DPO step sees zero margin, loss log(2)
+    assert result["train"]["reference_cache"] is True and result["config"]["lora"]["r"] == 16
+    # LoRA at init is the identity: the first DPO step sees zero margin, loss log(2) (the cached reference
+    # log-probs of the base equal the policy's own)
     assert abs(result["train"]["loss_curve"][0][1] - 0.693147) < 1e-4
 
 

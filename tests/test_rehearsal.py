@@ -138,7 +138,8 @@ def test_0_5b_kto_from_the_mirror_by_hub_id_with_the_study_prompts(world):
 def test_1_5b_dpo_full_fine_tuning(world):
     model = ra.build_model("1.5b", world["assets"] / "1.5b", world["tokenizer"])
     result = _cell(world, "1.5b", str(model))
-    assert result["lora"] is False and result["train"]["reference_forwards"] >= 1
+    assert result["lora"] is False and result["train"]["reference_cache"] is True
+    assert any(k.startswith("reference_logps/") for k in result["provenance"]["cache_hits"])
 
 
 def test_3b_sgrpo_rolls_out_and_trains_on_zero3(world):

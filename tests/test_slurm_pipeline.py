@@ -42,24 +42,42 @@ def _wait(sweep: Path, timeout: int = 900) -> subprocess.CompletedProcess:
                            "--timeout", str(timeout)], text=True, capture_output=True, timeout=timeout + 60)
 
 
-def test_six_tiny_cells_run_through_slurm_to_completed_results(tmp_path):
+def _times(job_id: str) -> tuple[str, str, str]:
+    """(state, start, end) of a job (its array's first task) as sacct reports them."""
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State,Start,End"], text=True,
+                         capture_output=True, timeout=60).stdout
+    return tuple(out.strip().splitlines()[0].split("|"))
+
+
+def test_six_tiny_cells_run_through_slurm_after_their_scale_s_preparation_job(tmp_path):
+    grid = ["algo=sft,dpo,simpo", "seed=0,1", "data.seed=7", *FAST]  # data.seed=7: data no other test has cached
     started = time.monotonic()
-    _launch(tmp_path, "algo=sft,dpo,simpo", "seed=0,1", *FAST)
+    proc = _launch(tmp_path, *grid)
     assert time.monotonic() - started < 120, "the launch returns once the cells are submitted"
+    [prep] = re.findall(r"preparation job (\d+)", proc.stdout + proc.stderr)
     sweep = tmp_path / "outputs/grid"
     cells = read_manifest(sweep)["cells"]
-    assert len(cells) == 6 and all(c["job_id"] for c in cells)
+    assert len(cells) == 6 and all(c["job_id"] for c in cells), "the preparation job is not a cell"
     waited = _wait(sweep)
     assert waited.returncode == 0, waited.stdout + waited.stderr
     assert waited.stdout.strip().splitlines()[-1] == \
         "completed=6 failed=0 cancelled=0 running=0 pending=0 missing=0"
+    state, _, prep_end = _times(prep)
+    assert state == "COMPLETED"
+    log = next(sweep.glob(f".submitit/{prep}/{prep}_0_log.out")).read_text()
+    assert "[prepared] tiny-s: data pairs, selfplay_chosen; reference log-probs pairs" in log, log
+    assert "reference_logps" in log and "selfplay" in log, "it built the scale's data and reference log-probs"
     for cell in cells:
         result = read_json(Path(cell["run_dir"]) / "result.json")
         assert result["status"] == "completed" and result["train"]["steps"] == 4
         assert result["provenance"]["hardware"]["torch_threads"] == 1, "threads follow Slurm's CPU allotment"
-    # relaunching the completed grid submits nothing
-    proc = _launch(tmp_path, "algo=sft,dpo,simpo", "seed=0,1", *FAST)
-    assert "Submitted 0 cell(s)" in proc.stdout + proc.stderr
+        assert _times(cell["job_id"])[1] >= prep_end, "every cell started after the preparation job ended"
+        hits = result["provenance"]["cache_hits"]
+        assert hits and all(hits.values()), f"every shared artifact came from the cache: {hits}"
+        assert result["train"]["reference_cache"] is (result["algo"] == "dpo")
+    # relaunching the completed grid submits nothing, not even a preparation job
+    proc = _launch(tmp_path, *grid)
+    assert "Submitted 0 cell(s)" in proc.stdout + proc.stderr and "preparation job" not in proc.stdout + proc.stderr
 
 
 def _progress(sweep: Path, total: int) -> int:

@@ -190,3 +190,31 @@ def test_a_checkpoint_of_another_config_is_not_resumed_from(tok, tmp_path, capsy
     assert resumed.resumed_from == 4 and [s for s, _ in resumed.loss_curve] == list(range(1, 10))
     for (_, a), (_, b) in zip(full.loss_curve, resumed.loss_curve):
         assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_length_grouped_micro_batches_hold_the_same_step_with_less_padding():
+    from posttrain.train import example_length, step_batches
+
+    examples = [{"prompt": "q" * (i % 7), "chosen": "a" * (3 * i % 11), "rejected": "b"} for i in range(16)]
+    plain = list(step_batches(examples, _trainer(micro_batch_size=2, grad_accum=4), 0, 0, 4))
+    grouped = list(step_batches(examples, _trainer(micro_batch_size=2, grad_accum=4, group_by_length=True), 0, 0, 4))
+
+    def width(step):  # padded characters per step: each micro-batch pads to its longest example
+        return sum(len(mb) * max(example_length(e) for e in mb) for mb in step)
+
+    for a, b in zip(plain, grouped):
+        assert sorted(map(str, (e for mb in a for e in mb))) == sorted(map(str, (e for mb in b for e in mb)))
+        lengths = [example_length(e) for mb in b for e in mb]
+        assert lengths == sorted(lengths) and width(b) <= width(a)
+    assert sum(map(width, grouped)) < sum(map(width, plain))
+
+
+def test_length_grouping_gives_the_same_training_run(tok):
+    examples = [dict(p, chosen=p["chosen"] + " " * (5 * i % 13)) for i, p in enumerate(PAIRS)]
+    a, s1, _ = _run(tok, "dpo", examples, _trainer(micro_batch_size=2, grad_accum=3))
+    b, s2, _ = _run(tok, "dpo", examples, _trainer(micro_batch_size=2, grad_accum=3, group_by_length=True))
+    assert len(s1.loss_curve) == len(s2.loss_curve) == 4
+    for (_, x), (_, y) in zip(s1.loss_curve, s2.loss_curve):
+        assert x == pytest.approx(y, abs=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)

@@ -70,11 +70,23 @@ def plan(n_examples: int, trainer, updates_per_batch: int = 1) -> tuple[int, int
     return steps_per_epoch, total
 
 
+def example_length(example: dict) -> int:
+    """A padding-relevant length of an example in characters: its prompt plus its longest completion (chosen and
+    rejected rows are padded to one width in the same batch)."""
+    return len(example.get("prompt", "")) + max((len(example[k]) for k in ("chosen", "rejected", "completion")
+                                                 if isinstance(example.get(k), str)), default=0)
+
+
 def step_batches(examples: list, trainer, seed: int, start_batch: int, total_batches: int, rank: int = 0,
                  world_size: int = 1, annotate: Callable[[list, int], list] | None = None) -> Iterator[list[list]]:
     """The micro-batches of each batch of examples (``micro_batch_size * grad_accum``: one optimizer step's worth,
     or one rollout's) from ``start_batch`` to ``total_batches``: a seeded permutation per epoch. ``annotate(examples,
     batch index)`` (the family's ``step_hook``) sees each whole batch before it is split.
+
+    ``trainer.group_by_length``: a step's examples are sorted by length (stable) before they are split, so each
+    micro-batch holds examples of similar length and carries less padding. The step holds the same examples and
+    every loss is normalised by the whole step's example or token count, so the step's gradient is the same (up to
+    float rounding; beta-DPO's very first step, which uses each micro-batch's own mean, aside).
 
     With ``world_size`` ranks, each rank takes its share of every step's micro-batches (``trainer.grad_accum`` counts
     the micro-batches of a step over all ranks, so the effective batch does not depend on the number of GPUs).
@@ -91,6 +103,8 @@ def step_batches(examples: list, trainer, seed: int, start_batch: int, total_bat
         chunk = [examples[i] for i in order[within * per_step:(within + 1) * per_step].tolist()]
         if annotate is not None:
             chunk = annotate(chunk, step)
+        if trainer.get("group_by_length", False) and micro < len(chunk):
+            chunk = sorted(chunk, key=example_length)
         if world_size == 1:
             yield [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
         else:

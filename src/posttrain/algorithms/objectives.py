@@ -109,7 +109,10 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
     chosen, rejected = _pair_logps(token_lp, mask, n, ld_alpha)
     lengths = mask.sum(-1)
     ref_chosen = ref_rejected = None
-    if reference.enabled:
+    cached = batch.get("ref_seq_logps")  # per-scale cache (algorithms/reference_cache): no reference forward
+    if reference.enabled and cached is not None and ld_alpha is None:
+        ref_chosen, ref_rejected = cached[:n], cached[n:]
+    elif reference.enabled:
         ref_tok = batch.get("ref_token_logps")  # online pairs: computed in the rollout phase
         if ref_tok is None:
             with reference.active() as ref_model:
@@ -252,7 +255,9 @@ def _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, batches, f
         rows = mismatched_rows(tokenizer, mb, max_length, matched=True) if anchor else batch
         n_rows = rows["input_ids"].shape[0]
         ref = torch.zeros(n_rows)
-        if reference.enabled:
+        if not anchor and "ref_logps" in batch:  # the own rows' cached reference log-probs (reference_cache)
+            ref = batch["ref_logps"].float().cpu()
+        elif reference.enabled:
             with reference.active() as ref_model:
                 ref = sequence_logps(ref_model, _rows(rows, slice(0, n_rows), device))[0].float().cpu()
         start = 0 if first else n  # the own rows' policy log-probs only for a first step's running statistics
@@ -265,7 +270,7 @@ def _step_pass(policy, reference, tokenizer, algo, hp, micro_batches, batches, f
             batch["ref_logps"] = ref[:n]
         own.append((seq[:n], ref[:n], batch["desirable"], batch["completion_mask"][:, 1:].sum(-1)))
     for _ in range(passes - len(micro_batches)):  # as many forwards as the busiest rank (ZeRO-3)
-        if reference.enabled:
+        if reference.has_model:
             with reference.active() as ref_model:
                 _one_token_forward(ref_model, device)
         _one_token_forward(policy, device)

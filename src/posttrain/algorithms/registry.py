@@ -23,15 +23,19 @@ class FamilyTraits(NamedTuple):
     losses: Mapping | None  # the loss table the entry's ``loss`` names (None: the supervised NLL)
     hparams: tuple[str, ...]  # the hyperparameter groups it accepts (posttrain.algorithms.hparams.GROUPS)
     kl_in_reward: bool = False  # a KL folded into the reward (reward_kl_coef) needs the reference too
+    #: its reference use is the sequence log-prob of each example's own rows, which the per-scale cache can give
+    #: (posttrain.algorithms.reference_cache)
+    cached_reference: bool = False
 
 
 #: Family record name -> its traits. ``families.FAMILIES`` holds one record per name (a test keeps them equal).
 FAMILIES: dict[str, FamilyTraits] = {
     "supervised": FamilyTraits("supervised", None, ("loop",)),
-    "pairwise": FamilyTraits("pairwise", losses.PAIRWISE_LOSSES, ("loss", "pairwise", "loop")),
+    "pairwise": FamilyTraits("pairwise", losses.PAIRWISE_LOSSES, ("loss", "pairwise", "loop"),
+                             cached_reference=True),
     # TDPO: pairs with full-vocabulary reference terms (its loss needs the reference's logits, not log-probs)
     "token_pairwise": FamilyTraits("pairwise", losses.TOKEN_PAIRWISE_LOSSES, ("loss", "loop")),
-    "unpaired": FamilyTraits("unpaired", losses.UNPAIRED_LOSSES, ("loss", "loop")),
+    "unpaired": FamilyTraits("unpaired", losses.UNPAIRED_LOSSES, ("loss", "loop"), cached_reference=True),
     "online_policy_gradient": FamilyTraits("online", losses.POLICY_GRADIENT_LOSSES, ("loss", "rollout", "loop"),
                                            kl_in_reward=True),
     "online_pairwise": FamilyTraits("online", losses.PAIRWISE_LOSSES, ("loss", "rollout", "loop")),
@@ -93,6 +97,17 @@ class Algorithm:
         loss_hp = {k: v for k, v in hp.items() if k in spec.defaults}
         kl_in_reward = self.traits.kl_in_reward and float(hp.get("reward_kl_coef", 0.0) or 0.0) != 0.0
         return bool(spec.needs_reference(**loss_hp)) or kl_in_reward
+
+    def reference_cacheable(self, hparams: dict) -> bool:
+        """Whether every reference value this run needs is a frozen reference's log-prob of an example's own row, so
+        the per-scale cache can give them all and no reference model is kept (posttrain.algorithms.reference_cache):
+        the family's trait, a reference needed at all, and none of the options that need more (a moving reference:
+        ``ref_sync_steps``; LD-DPO's per-token ``ld_alpha``; KTO's z0 over mismatched rows drawn per step)."""
+        hp = {**self.options, **dict(hparams or {})}
+        spec = self.loss_spec
+        return (self.traits.cached_reference and self.needs_reference(hparams)
+                and not getattr(spec, "needs_kl_anchor", False)
+                and hp.get("ld_alpha") is None and not hp.get("ref_sync_steps"))
 
     def meta(self) -> dict:
         """The ``algo_meta`` block of result.json."""

@@ -59,16 +59,25 @@ def collate(kind: str, tokenizer, examples: list[dict], max_length: int) -> dict
     if kind == "pairs":
         prompts = [e["prompt"] for e in examples] * 2
         completions = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-        return {**pad_sequences(tokenizer, prompts, completions, max_length), "pairs": len(examples)}
+        batch = {**pad_sequences(tokenizer, prompts, completions, max_length), "pairs": len(examples)}
+        return {**batch, **_cached_reference(examples, "ref_seq_logps", ("ref_chosen", "ref_rejected"))}
     if kind == "unpaired":
         batch = pad_sequences(tokenizer, [e["prompt"] for e in examples], [e["completion"] for e in examples],
                               max_length)
-        return {**batch, "rows": len(examples),
-                "desirable": torch.tensor([bool(e["desirable"]) for e in examples])}
+        return {**batch, "rows": len(examples), "desirable": torch.tensor([bool(e["desirable"]) for e in examples]),
+                **_cached_reference(examples, "ref_logps", ("ref_logp",))}
     if kind in ("selfplay_chosen", "gold"):
         return pad_sequences(tokenizer, [e["prompt"] for e in examples], [e["completion"] for e in examples],
                              max_length)
     raise ValueError(f"no collator for data kind {kind!r}")
+
+
+def _cached_reference(examples: list[dict], key: str, fields: tuple[str, ...]) -> dict:
+    """``{key: float32 [len(fields) * N]}`` when every example carries its rows' cached reference log-probs (fields in
+    row order: chosen rows, then rejected rows), else ``{}`` (posttrain.algorithms.reference_cache)."""
+    if not examples or any(f not in e for e in examples for f in fields):
+        return {}
+    return {key: torch.tensor([e[f] for f in fields for e in examples], dtype=torch.float32)}
 
 
 def mismatched_rows(tokenizer, examples: list[dict], max_length: int, *, matched: bool) -> dict:

@@ -155,6 +155,11 @@ class Reference:
         return self._copy is not None or self._policy is not None
 
     @property
+    def has_model(self) -> bool:
+        """A network to run (a :class:`~posttrain.algorithms.reference_cache.CachedReference` has none)."""
+        return self.enabled
+
+    @property
     def movable(self) -> bool:
         """A separate copy whose weights may be updated (SPIN / TR-DPO reference sync); not a LoRA reference."""
         return self._copy is not None

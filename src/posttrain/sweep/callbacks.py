@@ -38,8 +38,8 @@ class SweepCallback(Callback):
 
         from posttrain.sweep.manifest import make_entry, write_manifest
 
-        if config.hydra.mode != RunMode.MULTIRUN or config.get("dry_run") is True:
-            return
+        if config.hydra.mode != RunMode.MULTIRUN or config.get("dry_run") is True or config.get("prepare"):
+            return  # a scale's preparation job (posttrain.sweep.preparation) is not a cell
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         try:
             entry = make_entry(sweep_dir, Path(config.hydra.runtime.output_dir).resolve(),

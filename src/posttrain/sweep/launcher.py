@@ -63,7 +63,7 @@ LAUNCHER_TARGET = "hydra_plugins.posttrain_launcher.PosttrainSlurmLauncher"
 SCHEMA_NAME = "posttrain_slurm"
 
 # Keys of our schema that are not submitit executor parameters.
-_OWN_KEYS = {"_target_", "submitit_folder", "max_num_timeout", "gpus", "skip_if_done"}
+_OWN_KEYS = {"_target_", "submitit_folder", "max_num_timeout", "gpus", "skip_if_done", "prepare_jobs"}
 
 
 @dataclass
@@ -77,6 +77,8 @@ class PosttrainSlurmConf(SlurmQueueConf):
     gpus: Optional[int] = None
     # Dotted path of fn(cell_config, run_dir) -> bool; True: the cell is done, do not submit it.
     skip_if_done: Optional[str] = None
+    # One preparation job per scale before its cells, which depend on it (afterok): posttrain.sweep.preparation.
+    prepare_jobs: bool = True
 
 
 ConfigStore.instance().store(group="hydra/launcher", name=SCHEMA_NAME, node=PosttrainSlurmConf,
@@ -203,6 +205,8 @@ class _Cell:
     params: Dict[str, Any]
     skip: bool
     subdir_key: str = ""  # the cell as sweep.json names it (relative to the sweep directory, normalised)
+    algo: str = ""
+    lora: bool = False
 
 
 def _active_jobs(job_ids: List[str]) -> set:
@@ -287,7 +291,9 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
                 _check_ranks(params.get("gpus"), cfg, overrides)
                 skip = bool(skip_fn(cfg, run_dir)) if skip_fn is not None else False
                 cells.append(_Cell(num, list(overrides), subdir, run_dir, params, skip,
-                                   run_dir.relative_to(sweep_dir).as_posix()))
+                                   run_dir.relative_to(sweep_dir).as_posix(),
+                                   str(OmegaConf.select(cfg, "algo.name", default="") or ""),
+                                   bool(OmegaConf.select(cfg, "lora.enabled", default=False))))
         finally:
             hydra_config.cfg = saved
         seen: Dict[Path, List[str]] = {}
@@ -297,6 +303,35 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
                         f"{cell.overrides}; hydra.sweep.subdir must tell distinct configs apart")
             seen[cell.run_dir] = cell.overrides
         return cells
+
+    def _submit_preparation(self, cells: List[_Cell], singleton_state, launcher_name: str) -> List[str]:
+        """One preparation job per scale of ``cells`` (posttrain.sweep.preparation); each cell's parameters then
+        depend on its scale's job. Returns the job ids."""
+        import submitit
+
+        from posttrain.sweep import preparation
+
+        ids: List[str] = []
+        for key, members in preparation.groups([c for c in cells if c.algo and c.params.get("prepare_jobs", True)]).items():
+            params = preparation.job_parameters(members[0].params)
+            executor = submitit.AutoExecutor(folder=str(params["submitit_folder"]), cluster="slurm")
+            executor.update_parameters(**executor_parameters(params))
+            overrides = members[0].overrides + [preparation.prepare_override([c.algo for c in members],
+                                                                             [c.lora for c in members])]
+            try:
+                job = executor.submit(self, overrides, "hydra.sweep.dir", members[0].num, "prepare",
+                                      singleton_state, preparation.subdir(key))
+            except (submitit.core.utils.FailedJobError, OSError) as exc:
+                reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                _refuse(f"Slurm refused the preparation job of hydra/launcher={launcher_name}: {reason}; adjust "
+                        "hydra.launcher.* (partition, gpus, mem_per_gpu, ...) or set hydra.launcher.prepare_jobs="
+                        "false")
+            log.info(f"\tpreparation job {job.job_id}: {len(members)} cell(s) of "
+                     f"{' '.join(json.loads(key)) or 'the default scale'} start after it")
+            ids.append(str(job.job_id))
+            for cell in members:
+                cell.params = preparation.after(cell.params, str(job.job_id))
+        return ids
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
@@ -327,6 +362,11 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
         in_queue = [c for c in cells if not c.skip and str(known.get(c.subdir_key, {}).get("job_id")) in queued]
         for cell in in_queue:
             cell.skip = True
+        singleton_state = Singleton.get_state()
+        if any(not c.skip for c in cells) and shutil.which("sbatch") is None:
+            _refuse(f"hydra/launcher={launcher_name} submits to Slurm, but there is no sbatch on this machine; run "
+                    "on the cluster's login node, or drop hydra/launcher=... to run the cells here")
+        prepared = self._submit_preparation([c for c in cells if not c.skip], singleton_state, launcher_name)
         groups: Dict[str, List[_Cell]] = {}
         for cell in cells:
             if not cell.skip:
@@ -344,10 +384,6 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
                 log.info(f"{len(in_queue)} cell(s) still queued or running from an earlier launch, not submitted")
 
         job_ids: Dict[int, str] = {}
-        singleton_state = Singleton.get_state()
-        if groups and shutil.which("sbatch") is None:
-            _refuse(f"hydra/launcher={launcher_name} submits to Slurm, but there is no sbatch on this machine; run "
-                    "on the cluster's login node, or drop hydra/launcher=... to run the cells here")
         for key, group in groups.items():
             params = group[0].params
             executor = submitit.AutoExecutor(
@@ -385,8 +421,9 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
         n_sub = len(job_ids)
         arrays = sorted({jid.split("_")[0] for jid in job_ids.values()})
         log.info(
-            f"Submitted {n_sub} cell(s) to Slurm ({len(arrays)} job array(s): {', '.join(arrays) or '-'}); "
-            f"{len(skipped)} skipped. Follow with: python -m posttrain.sweep status {sweep_dir}")
+            f"Submitted {n_sub} cell(s) to Slurm ({len(arrays)} job array(s): {', '.join(arrays) or '-'}"
+            + (f", after {len(prepared)} preparation job(s): {', '.join(prepared)}" if prepared else "")
+            + f"); {len(skipped)} skipped. Follow with: python -m posttrain.sweep status {sweep_dir}")
         for cell in in_queue:
             job_ids.setdefault(cell.num, str(known[cell.subdir_key]["job_id"]))
 
