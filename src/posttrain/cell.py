@@ -22,11 +22,17 @@ from typing import Any, Callable, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 
 #: Top-level keys that cannot change a run's result: left out of the config hash and of the variant.
-NON_RESULT_KEYS = ("logger", "dry_run", "sweep_name", "output_root", "keep_checkpoints", "hydra", "sweep", "mirror")
+NON_RESULT_KEYS = ("logger", "dry_run", "sweep_name", "output_root", "keep_checkpoints", "hydra", "sweep", "mirror",
+                   "prepare")
 #: Keys inside groups that cannot change the result either.
 NON_RESULT_SUBKEYS = ("trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.log_every", "trainer.threads",
+                      "trainer.reference_cache", "trainer.group_by_length",
+                      "trainer.gradient_checkpointing", "trainer.liger",  # same values, other speed/memory
                       "eval.batch_size", "data.generation_batch_size", "data.min_pair_yield", "data.mirror")
 #: Override keys that already name the cell's path (not repeated in the variant).
+#: Keys added after sweeps were run, at a default that reproduces what those sweeps did: left out of the config
+#: hash while they hold that value, so completed cells stay completed; any other value enters the hash.
+NEUTRAL_DEFAULTS: dict = {"data.generation_backend": "hf", "eval.backend": "hf"}
 PATH_KEYS = ("algo", "scale", "lora", "seed")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,@+-]")
 MAX_VARIANT = 80
@@ -44,6 +50,11 @@ def config_hash(cfg: DictConfig) -> str:
         group, _, leaf = dotted.partition(".")
         if isinstance(container.get(group), dict):
             container[group].pop(leaf, None)
+    for dotted, default in NEUTRAL_DEFAULTS.items():
+        group, _, leaf = dotted.partition(".")
+        node = container.get(group)
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            node.pop(leaf)
     blob = repr(_sorted(container)).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Spec:
-    """One key's type (int, float, bool, str, choice, str_list, shots, limit) and range."""
+    """One key's type (int, float, bool, auto_bool, str, choice, str_list, shots, limit) and range."""
 
     kind: str
     lo: Optional[float] = None
@@ -44,6 +44,8 @@ class Spec:
             what = "a list of strings, e.g. [a,b]"
         elif self.kind == "shots":
             what = "an integer >= 0 or a {task: integer >= 0} mapping"
+        elif self.kind == "auto_bool":
+            what = "auto, true or false"
         else:
             what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                     "limit": "a number of documents (integer >= 1, or a fraction in (0, 1))"}[self.kind]
@@ -61,6 +63,8 @@ class Spec:
             return self.nullable
         if self.kind == "bool":
             return isinstance(value, bool)
+        if self.kind == "auto_bool":
+            return isinstance(value, bool) or value == "auto"
         if self.kind == "str":
             return isinstance(value, str)
         if self.kind == "choice":
@@ -113,6 +117,7 @@ INT0 = Spec("int", lo=0)
 BOOL = Spec("bool")
 POSITIVE = Spec("float", lo=0, lo_open=True)
 FRACTION = Spec("float", lo=0, hi=1)
+AUTO_BOOL = Spec("auto_bool")  # auto | true | false
 
 #: dotted key -> Spec, for every key a run reads outside algo.* and scale.* (scale files are the study's own
 #: settings; their values reach trainer/data/eval through interpolations and are checked there).
@@ -142,6 +147,10 @@ SCHEMA: dict[str, Spec] = {
     "trainer.checkpoint_minutes": Spec("float", lo=0, lo_open=True, nullable=True),
     "trainer.log_every": INT1,
     "trainer.threads": Spec("int", lo=1, nullable=True),
+    "trainer.reference_cache": Spec("bool"),
+    "trainer.group_by_length": Spec("bool"),
+    "trainer.gradient_checkpointing": AUTO_BOOL,  # posttrain/models/memory_plan.py
+    "trainer.liger": AUTO_BOOL,  # posttrain/models/kernels.py
     # data (conf/data/selfplay.yaml)
     "data.source": Spec("choice", choices=("synthetic", "gsm8k")),
     "data.path": Spec("str", nullable=True),
@@ -156,6 +165,7 @@ SCHEMA: dict[str, Spec] = {
     "data.max_length": INT1,
     "data.sft_source": Spec("choice", choices=("chosen", "all_correct")),
     "data.generation_batch_size": INT1,
+    "data.generation_backend": Spec("choice", choices=("hf", "vllm")),  # posttrain/rollout/vllm_backend.py
     "data.min_pair_yield": FRACTION,
     "data.seed": INT0,
     "data.mirror": Spec("str", nullable=True),
@@ -167,6 +177,7 @@ SCHEMA: dict[str, Spec] = {
     "eval.batch_size": INT1,
     "eval.max_gen_toks": INT1,
     "eval.base_scores": BOOL,
+    "eval.backend": Spec("choice", choices=("hf", "vllm")),
     # lora (conf/lora/on.yaml)
     "lora.enabled": BOOL,
     "lora.r": INT1,
@@ -223,6 +234,23 @@ def check_algo(name: str, hparams: Mapping[str, Any]) -> None:
         raise ConfigError(_VALIDATED[key])
 
 
+#: Keys that choose a generation backend (posttrain.rollout.vllm_backend).
+BACKEND_KEYS = ("data.generation_backend", "eval.backend")
+
+
+def check_backends(config: Mapping[str, Any]) -> None:
+    """A backend key set to vllm where vllm is not importable or no CUDA GPU is visible: one ConfigError line saying
+    what to install or to use hf (imports torch only then)."""
+    for key in BACKEND_KEYS:
+        group, _, leaf = key.partition(".")
+        if (config.get(group) or {}).get(leaf) == "vllm":
+            from posttrain.rollout.vllm_backend import unavailable
+
+            line = unavailable(key)
+            if line is not None:
+                raise ConfigError(line)
+
+
 def check_run_config(cfg: Any, *, algo_too: bool = True) -> None:
     """The composed config of one cell: SCHEMA, then (``algo_too``) the algorithm's hyperparameters."""
     from omegaconf import OmegaConf
@@ -232,6 +260,8 @@ def check_run_config(cfg: Any, *, algo_too: bool = True) -> None:
     except Exception as exc:  # noqa: BLE001 - an interpolation that does not resolve: one line, its own message
         raise ConfigError(f"the config does not resolve: {str(exc).splitlines()[0]}") from None
     check_config(config)
+    if not config.get("dry_run"):  # where the run runs (a dry run may list cells on a machine without the GPU)
+        check_backends(config)
     if algo_too:
         hparams = dict(config.get("algo") or {})
         name = str(hparams.pop("name", ""))

@@ -135,16 +135,19 @@ def quiet_libraries() -> None:
 
 
 def base_scores(loaded, cfg: DictConfig, precision) -> dict:
-    """lm-eval scores of the untrained base, cached per (base, eval settings, compute precision)."""
-    from posttrain.cache import cached_json
+    """lm-eval scores of the untrained base, cached per (base, eval settings, compute precision). Under a process
+    group every rank calls it: the ranks score their shares together, rank 0 writes the cache, all get the scores."""
+    from posttrain.evaluate.data_parallel import cached_json_on_all_ranks
     from posttrain.evaluate.harness import evaluate, lm_eval_version
 
     settings = OmegaConf.to_container(cfg.eval, resolve=True)
     settings.pop("profiles", None)
     settings.pop("batch_size", None)
+    if settings.get("backend") == "hf":  # the default since eval.backend exists: cached scores keep their key
+        settings.pop("backend")
     fields = {"v": 2, "model": loaded.model_id, "tokenizer": loaded.tokenizer_id, "eval": settings,
               "lm_eval": lm_eval_version(), "seed": EVAL_SEED, "precision": precision.name}
-    return cached_json("base_scores", stable_hash(fields), lambda: evaluate(
+    return cached_json_on_all_ranks("base_scores", stable_hash(fields), lambda: evaluate(
         loaded.model, loaded.tokenizer, cfg.eval, seed=EVAL_SEED, mirror=cfg.get("mirror"),
         autocast_dtype=precision.autocast_dtype))
 
@@ -154,13 +157,14 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     import numpy as np
     import torch
 
-    from posttrain.data.selfplay import (check_lengths, load_records, low_yield_line, make_examples, prompt_format,
-                                         selfplay_report, selfplay_samples, stop_strings, training_prompts)
-    from posttrain.evaluate.harness import evaluate
+    from posttrain.algorithms.reference_cache import CachedReference
+    from posttrain.evaluate.harness import eval_backend, evaluate
     from posttrain.models.distributed import is_main_process
+    from posttrain.models import kernels, memory_plan
     from posttrain.models.engine import deepspeed_enabled, gathered
-    from posttrain.models.loading import Reference, add_lora, load_policy, save_model
+    from posttrain.models.loading import Reference, add_lora, save_model
     from posttrain.models.precision import PURE_BF16_COST, Precision
+    from posttrain.prepare import load_base, reference_logps, training_examples
     from posttrain.rollout.sampler import model_generation_defaults
     from posttrain.train import train
 
@@ -172,52 +176,46 @@ def train_and_evaluate(cfg: DictConfig, algo, cell_dir: Path, tracker, result: d
     if precision.name == "bf16-pure" and main:
         print(PURE_BF16_COST, flush=True)
     mirror = cfg.get("mirror")
-    loaded = load_policy(cfg.scale, OmegaConf.create({"enabled": False}), trust_remote_code=bool(cfg.trust_remote_code),
-                         device=device, dtype=precision.load_dtype(lora=bool(cfg.lora.enabled)), mirror=mirror)
-    if cfg.eval.base_scores:  # every rank: ranks > 0 wait on the cache's file lock while rank 0 scores (a wait inside
-        # DeepSpeed's first collective would time out at the real scales), then read the cached scores
+    loaded = load_base(cfg, lora=bool(cfg.lora.enabled), precision=precision, device=device)
+    liger = kernels.apply_liger(loaded.model, cfg.trainer.get("liger", "auto"))  # first: every forward uses them
+    if cfg.eval.base_scores:  # every rank: all score their shares of the documents (or read the cache) together
         result["eval"]["base_metrics"] = base_scores(loaded, cfg, precision)
-    prompts = training_prompts(cfg.data)  # data.prompt_format: the one source of prompts, self-play and online
-    longest = check_lengths(loaded.tokenizer, [p.prompt for p in prompts], int(cfg.data.max_length),
-                            int(cfg.data.max_new_tokens))  # before any sampling: a prompt that cannot fit stops here
-    if algo.data == "prompts":  # online methods sample for themselves: no self-play generation needed
-        records = [{"prompt": p.prompt, "answer": p.answer} for p in prompts]
-        result["data"] = {"prompts": len(records), "prompt_format": prompt_format(cfg.data)}
-    else:
-        with precision.autocast(device):  # sampled as the run computes: bf16 for bf16-mixed
-            samples = selfplay_samples(loaded.model, loaded.tokenizer, loaded.model_id, cfg.data,
-                                       precision=precision.name)
-        records = load_records(samples)
-        result["data"] = selfplay_report(samples)  # the yield manifest: pairs, strict/flexible accuracy, sampling
-        warning = low_yield_line(result["data"], float(cfg.data.min_pair_yield))
-        if warning and main:
-            print(warning, flush=True)
-    result["data"]["longest_prompt_tokens"] = longest
-    examples = make_examples(records, algo.data, seed=int(cfg.data.seed), sft_source=str(cfg.data.sft_source),
-                             stop_strings=stop_strings(cfg.data))
+    result["data"] = {}
+    examples = training_examples(cfg, algo.data, loaded, precision, device, result["data"], announce=main)
+
+    hparams = _hparams(cfg)
+    cached_reference = bool(cfg.trainer.reference_cache) and algo.reference_cacheable(hparams)
+    if cached_reference:  # before LoRA: the loaded base is the reference (posttrain.algorithms.reference_cache)
+        examples = reference_logps(loaded, cfg, algo.data, examples, precision, device, progress=main)
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     policy = add_lora(loaded.model, cfg.lora) if cfg.lora.enabled else loaded.model
-    hparams = _hparams(cfg)
-    reference = Reference(policy if algo.needs_reference(hparams) else None, lora=bool(cfg.lora.enabled))
-    state = train(policy, reference, loaded.tokenizer, algo, hparams, examples, cfg.trainer,
-                  max_length=int(cfg.data.max_length), seed=seed, log=tracker.log,
-                  checkpoint_dir=cell_dir / "checkpoint", progress=main, fingerprint=result["config_hash"],
-                  deepspeed=cfg.deepspeed if deepspeed_enabled(cfg.deepspeed) else None)
+    reference = CachedReference() if cached_reference else \
+        Reference(policy if algo.needs_reference(hparams) else None, lora=bool(cfg.lora.enabled))
+    checkpointing = memory_plan.plan_run(policy, cfg, algo, hparams, reference_copy=reference.movable)
+    with memory_plan.applied(policy, checkpointing):  # recompute activations only when memory requires it
+        state = train(policy, reference, loaded.tokenizer, algo, hparams, examples, cfg.trainer,
+                      max_length=int(cfg.data.max_length), seed=seed, log=tracker.log,
+                      checkpoint_dir=cell_dir / "checkpoint", progress=main, fingerprint=result["config_hash"],
+                      deepspeed=cfg.deepspeed if deepspeed_enabled(cfg.deepspeed) else None)
     result["train"] = {**train_record(state), "reference_forwards": reference.calls, "dataset_size": len(examples),
-                       "precision": precision.record(policy)}
-    with gathered(policy) as bare:  # ZeRO-3: every rank gathers the weights; rank 0 alone saves and evaluates
-        if not main:
-            return
-        if cfg.get("save_model"):
+                       "precision": precision.record(policy), "reference_cache": cached_reference,
+                       "gradient_checkpointing": checkpointing.record(), "liger": liger}
+    with gathered(policy) as bare:  # ZeRO-3: every rank gathers the weights; rank 0 alone saves; every rank
+        # evaluates its share of the documents and rank 0 gets the metrics (posttrain.evaluate.data_parallel)
+        if main and cfg.get("save_model"):
             save_model(bare, loaded.tokenizer, cell_dir / "model")
         # LoRA is evaluated unmerged, exactly as it trained (base + adapter path under the same precision): merging
         # a small update into bf16 base weights rounds most of it away (measured: 32% of it survived).
         generation: dict = {}
-        result["metrics"] = evaluate(bare, loaded.tokenizer, cfg.eval, seed=EVAL_SEED, mirror=mirror,
-                                     generation=generation, autocast_dtype=precision.autocast_dtype)
+        metrics = evaluate(bare, loaded.tokenizer, cfg.eval, seed=EVAL_SEED, mirror=mirror, generation=generation,
+                           autocast_dtype=precision.autocast_dtype)
+        if not main:
+            return
+        result["metrics"] = metrics
+        result["eval"]["backend"] = eval_backend(cfg.eval)
         result["eval"]["generation"] = generation  # the generation kwargs each task ran with, and what HF generate
         # adds to them from the model's own generation config (lm-eval's HF backend applies it: Qwen2.5's
         # repetition_penalty 1.05 acts on greedy decoding too, as for every lm-eval user of these models)
@@ -369,12 +367,21 @@ def main(cfg: DictConfig) -> dict:
         check_run_config(cfg, algo_too=not cfg.dry_run or any(override_key(o).startswith("algo.") for o in overrides))
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+    if cfg.get("prepare") is not None:  # a scale's preparation job (posttrain.prepare), submitted by the launcher
+        from posttrain.prepare import prepare_scale
+
+        return prepare_scale(cfg)
     name, cell = cell_identity(cfg, overrides, hc)
     multirun = hc.mode == RunMode.MULTIRUN
     cell_dir = Path(hc.runtime.output_dir) if multirun else Path(hc.runtime.output_dir) / cell
     if cfg.dry_run:
         print(f"{cell}  {' '.join(overrides)}", flush=True)
         return {"status": "dry_run", "cell": cell, "run_dir": str(cell_dir)}
+    from posttrain.models.kernels import refusal as liger_refusal
+
+    problem = liger_refusal(cfg.trainer.get("liger", "auto"))  # before anything loads (not in a dry run: a CPU
+    if problem:  # login node lists the cells of a GPU study)
+        raise UserError(problem)
     return run_cell(cfg, cell_dir.resolve(), variant_name=name, cell=cell,
                     sweep=str(cfg.sweep_name) if multirun else "run")
 
