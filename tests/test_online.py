@@ -292,6 +292,9 @@ def test_every_online_method_trains_in_the_one_loop(tok, name):
     assert ref.calls == (rollouts if get(name).needs_reference(HP) else 0)
     assert any(not torch.equal(p, initial[n]) for n, p in model.state_dict().items()), "the policy moved"
     assert "rollout/reward_mean" in logs[0] and "rollout/truncated_frac" in logs[0]
+    # the time split: the rollout phase (generation, scoring, log-probs) once per rollout, each update's own time
+    assert logs[0]["rollout/seconds"] > 0 and all(log["train/update_seconds"] > 0 for log in logs)
+    assert 0 < state.prepare_seconds < state.seconds
 
 
 @pytest.mark.parametrize("name", ["dapo", "gspo", "rloo"])

@@ -229,6 +229,7 @@ def train_record(state) -> dict:
     return {
         "steps": state.step, "examples": state.examples, "tokens": state.tokens, "seconds": round(state.seconds, 3),
         "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
+        "prepare_seconds": round(state.prepare_seconds, 3),  # online: the rollout phases (generation and scoring)
         "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
         "reward_curve": state.reward_curve, "resumed_from": state.resumed_from}
 

@@ -51,6 +51,8 @@ class TrainState:
     examples: int = 0
     tokens: int = 0  # tokens through the policy's forward passes (prompt + completion, no padding)
     seconds: float = 0.0
+    prepare_seconds: float = 0.0  # of ``seconds``, in the family's prepare (online: the rollout phase -- generation,
+    # scoring, old/reference log-probs; offline: tokenising), the rest in the optimizer updates
     loss_curve: list = field(default_factory=list)  # [[step, loss], ...]
     reward_curve: list = field(default_factory=list)  # [[step, mean reward], ...] (online methods)
     resumed_from: int | None = None  # the checkpoint step this run resumed from (preemption, time-out), if any
@@ -268,11 +270,15 @@ def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tr
             updates, rollout_stats = family.prepare(model, reference, tokenizer, algo, hparams, micro_batches,
                                                     max_length=max_length, seed=seed, step=state.batches,
                                                     memory=memory, pool=examples, collectives=engine)
-        rollout_stats = engine.mean_over_ranks(rollout_stats)
+        prepared = time.perf_counter() - started
+        state.prepare_seconds += prepared
+        rollout_stats = engine.mean_over_ranks({**rollout_stats, "seconds": prepared} if rollout_stats else {})
         reward = rollout_stats.get("reward_mean")
         for update in updates[: total - state.step]:
+            update_started = time.perf_counter()
             step_loss, stats, grad_norm, seen_tokens = optimizer_update(engine, model, reference, objective, algo,
                                                                         hparams, update, memory)
+            stats["update_seconds"] = time.perf_counter() - update_started
             state.step += 1
             state.tokens += seen_tokens
             state.loss_curve.append([state.step, round(step_loss, 6)])
