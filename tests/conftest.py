@@ -47,6 +47,16 @@ def launch(args: list[str], cwd: Path, env: dict | None = None, check: bool = Fa
     return proc
 
 
+def qwen_like_char_tokenizer(directory: Path):
+    """A character tokenizer laid out as Qwen2.5-Instruct's: eos ``<|im_end|>``, pad ``<|endoftext|>``."""
+    from posttrain.data.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer(directory)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|endoftext|>"]})
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    return tok
+
+
 def random_qwen2(vocab_size: int, seed: int = 0):
     """A randomly initialised 1-layer Qwen2 (hidden 32) for fast loop and rollout tests."""
     import torch

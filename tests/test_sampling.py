@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_qwen2
+from conftest import qwen_like_char_tokenizer, random_qwen2
 from transformers import GenerationConfig
 
 from posttrain.data.tokenizer import build_char_tokenizer
@@ -24,11 +24,7 @@ QWEN_DEFAULTS = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repet
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    """A character tokenizer laid out as Qwen2.5-Instruct's: eos ``<|im_end|>``, pad ``<|endoftext|>``."""
-    tok = build_char_tokenizer(tmp_path_factory.mktemp("tok"))
-    tok.add_special_tokens({"additional_special_tokens": [IM_END, ENDOFTEXT]})
-    tok.eos_token, tok.pad_token = IM_END, ENDOFTEXT
-    return tok
+    return qwen_like_char_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _ids(tok, text: str) -> list[int]:

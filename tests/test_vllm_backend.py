@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, launch, random_qwen2
+from conftest import ROOT, launch, qwen_like_char_tokenizer, random_qwen2
 from hydra import compose, initialize_config_dir
 from transformers import GenerationConfig
 
@@ -24,7 +24,6 @@ from posttrain import cell as identity
 from posttrain.config_schema import ConfigError, check_backends, check_value
 from posttrain.data.selfplay import (LM_EVAL_GSM8K_UNTIL, _selfplay_key, generation_backend, make_examples,
                                      sampling_config, selfplay_record)
-from posttrain.data.tokenizer import build_char_tokenizer
 from posttrain.evaluate.harness import eval_backend
 from posttrain.rollout import SamplingConfig, sampling_record, stop_ids
 from posttrain.rollout import vllm_backend
@@ -46,11 +45,7 @@ def _compose(overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    """A character tokenizer laid out as Qwen2.5-Instruct's: eos ``<|im_end|>``, pad ``<|endoftext|>``."""
-    tok = build_char_tokenizer(tmp_path_factory.mktemp("tok"))
-    tok.add_special_tokens({"additional_special_tokens": [IM_END, ENDOFTEXT]})
-    tok.eos_token, tok.pad_token = IM_END, ENDOFTEXT
-    return tok
+    return qwen_like_char_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
