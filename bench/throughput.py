@@ -32,6 +32,9 @@ speed is each implementation's default. ``--logps fast|plain`` sets posttrain.mo
 (log-probs only on completion positions where the objective passes its completion mask);
 ``head_rows_per_step`` records how many positions went through the LM head per step (the fast path's effect).
 
+``mfu`` (CUDA, or with ``--peak-tflops``): model FLOPs utilization, 6 x parameters per trained token per second over
+the device's dense peak (989 TFLOP/s for an H100 SXM in bf16 by default), the same definition for every arm.
+
 Peak memory: one extra, untimed step per arm under torch's profiler (CPU) or ``max_memory_allocated`` (CUDA): the
 step's peak above what was held before it, plus the arm's resident tensors (weights of policy and reference,
 gradients, optimizer states).
@@ -66,6 +69,9 @@ SCALES = {
                   completion=(24, 320), max_length=512, micro=4, accum=2, precision="fp32"),
     "cpu-m": dict(hidden=512, layers=8, heads=8, kv_heads=4, mlp=1536, vocab=None, pairs=256, prompt=(40, 160),
                   completion=(24, 320), max_length=512, micro=4, accum=2, precision="fp32"),
+    # the smoke test's setting (tests/test_bench_throughput.py): seconds, not a measurement
+    "cpu-xs": dict(hidden=64, layers=2, heads=2, kv_heads=1, mlp=128, vocab=None, pairs=32, prompt=(10, 40),
+                   completion=(8, 40), max_length=128, micro=2, accum=2, precision="fp32"),
     # cpu-s with Qwen's 151,936-row head: where computing the head only on completion positions shows
     "cpu-s-v152k": dict(hidden=256, layers=4, heads=4, kv_heads=2, mlp=1024, vocab=151936, pairs=64,
                         prompt=(40, 160), completion=(24, 320), max_length=512, micro=2, accum=2, precision="fp32"),
@@ -158,6 +164,9 @@ def main(argv=None) -> int:
                              "the backward pass instead of keeping them")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--note", default="", help="free text stored with each line (how it was run)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak in TFLOP/s for model FLOPs utilization (default on CUDA: 989, "
+                             "H100 SXM bf16; on CPU none is reported unless given)")
     args = parser.parse_args(argv)
     if args.scale not in SCALES:
         raise SystemExit(f"unknown --scale {args.scale!r}; known: {sorted(SCALES)}")
@@ -221,6 +230,7 @@ def main(argv=None) -> int:
     for t in threads:
         t.join(timeout=600)
     timed = tokens[args.warmup:]
+    peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if cuda else None)
     lines = []
     for name in impls:
         rec = records[name]
@@ -241,6 +251,10 @@ def main(argv=None) -> int:
             "grad_accum": scale["accum"], "threads": args.threads, "note": args.note,
             "reference_prepass_s": None if rec.prepass_s is None else round(rec.prepass_s, 3),
             "seconds_measure": "thread CPU time" if not cuda else "wall time (synchronised)",
+            # model FLOPs utilization of the policy's training FLOPs (6 x parameters per trained token, the common
+            # definition, the same for every arm: a reference forward, checkpointing's recompute count as overhead)
+            "mfu": (None if peak is None else round(6 * n_params * sum(timed) / sum(secs) / (peak * 1e12), 4)),
+            "peak_tflops": peak,
         })
     report(lines)
     out = Path(args.out)
