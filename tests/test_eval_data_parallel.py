@@ -44,7 +44,7 @@ def worker(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from posttrain.cache import CACHE_EVENTS, cache_root
-    from posttrain.evaluate.data_parallel import cached_json_on_all_ranks
+    from posttrain.cache import cached_json_on_all_ranks
     from posttrain.evaluate.harness import evaluate
     from posttrain.models.distributed import setup_distributed
     from posttrain.models.loading import load_tokenizer

@@ -5,6 +5,9 @@ values, and only algorithms whose reference use the cache covers take it."""
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from posttrain.models.loading import Reference
 from posttrain.models.logps import token_logps
 from posttrain.train import train
 
-from conftest import random_qwen2
+from conftest import random_qwen2, spawn_ranks
 
 PAIRS = [{"prompt": f"Question: {i}+{i}?\nAnswer:", "chosen": f" {2 * i}\n#### {2 * i}" + " ok" * (i % 4),
           "rejected": f" {2 * i + 1}\n#### {2 * i + 1}"} for i in range(10)]
@@ -114,3 +117,35 @@ def test_missing_rows_and_forwards_on_a_cached_reference_are_refused(tok, cache_
     ("tdpo", {}, False), ("grpo", {}, False), ("sft", {}, False), ("spin", {}, False)])
 def test_only_runs_whose_reference_use_the_cache_covers_take_it(algo, hparams, cacheable):
     assert get(algo).reference_cacheable(hparams) is cacheable
+
+
+def _two_rank_worker(out: Path) -> None:
+    """One rank of test_ranks_share_the_reference_pass: the sharded pass on 5 rows, 2 per forward (rank 0: 2
+    forwards, rank 1: 1 forward and 1 padding forward)."""
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    tok = build_char_tokenizer(out / f"tok{rank}")
+    model = random_qwen2(len(tok), seed=3).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    table = reference_cache.score_rows_on_all_ranks(model, tok, reference_cache.rows("pairs", PAIRS[:3])[:5],
+                                                    max_length=64, batch_size=2, autocast=contextlib.nullcontext,
+                                                    progress=False)
+    (out / f"rank{rank}.json").write_text(json.dumps({"table": table, "forwards": len(calls)}))
+    torch.save({}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_share_the_reference_pass_and_all_get_the_whole_table(tok, tmp_path):
+    ranks = spawn_ranks(__file__, tmp_path / "world2", 2, timeout=180)
+    want = reference_cache.score_rows(random_qwen2(len(tok), seed=3).eval(), tok,
+                                      reference_cache.rows("pairs", PAIRS[:3])[:5], max_length=64, batch_size=2,
+                                      autocast=contextlib.nullcontext, progress=False)
+    assert [r["forwards"] for r in ranks] == [2, 2], "every rank runs as many forwards (ZeRO-3 gathers in each)"
+    for r in ranks:
+        assert r["table"].keys() == want.keys()
+        assert all(r["table"][k] == pytest.approx(want[k], abs=1e-5) for k in want)
+
+
+if __name__ == "__main__":
+    _two_rank_worker(Path(sys.argv[1]))

@@ -80,3 +80,41 @@ def cached_json(kind: str, key: str, build: Callable[[], Any]) -> Any:
         write_json_atomic(path, value)
     CACHE_EVENTS[f"{kind}/{key}"] = False
     return value
+
+
+def cached_json_on_all_ranks(kind: str, key: str, build: Callable[[], Any]) -> Any:
+    """posttrain.cache.cached_json for every rank of a process group at once: ``build`` runs on all ranks together
+    (it is collective: a data-parallel evaluation, whose value exists on rank 0), rank 0 writes the cache file
+    atomically under the cache's file lock (other jobs of the scale read it, or wait on the lock), and every rank
+    returns rank 0's value. Rank 0 decides hit or miss for all, so the ranks never take different paths."""
+    from posttrain.models import distributed
+    from posttrain.results import write_json_atomic
+
+    if distributed.world_size() == 1:
+        return cached_json(kind, key, build)
+    import torch.distributed
+
+    path = cache_root() / kind / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")  # the lock cached_json takes: one builder per key across jobs
+    with lock:  # every rank waits out another job's build here, not inside a collective (which would time out)
+        pass
+    main = distributed.is_main_process()
+    if main:
+        lock.acquire()
+    try:
+        hit = [json.loads(path.read_text()) if path.exists() else None] if main else [None]
+        torch.distributed.broadcast_object_list(hit, src=0)
+        if hit[0] is not None:
+            value = hit[0]
+        else:
+            value = [build()]
+            if main:
+                write_json_atomic(path, value[0])
+            torch.distributed.broadcast_object_list(value, src=0)
+            value = value[0]
+    finally:
+        if main:
+            lock.release()
+    CACHE_EVENTS[f"{kind}/{key}"] = hit[0] is not None
+    return value

@@ -137,7 +137,7 @@ def quiet_libraries() -> None:
 def base_scores(loaded, cfg: DictConfig, precision) -> dict:
     """lm-eval scores of the untrained base, cached per (base, eval settings, compute precision). Under a process
     group every rank calls it: the ranks score their shares together, rank 0 writes the cache, all get the scores."""
-    from posttrain.evaluate.data_parallel import cached_json_on_all_ranks
+    from posttrain.cache import cached_json_on_all_ranks
     from posttrain.evaluate.harness import evaluate, lm_eval_version
 
     settings = OmegaConf.to_container(cfg.eval, resolve=True)

@@ -28,7 +28,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.cache import cached_json, stable_hash
+from posttrain.cache import cached_json_on_all_ranks, stable_hash
 from posttrain.data.collate import pad_sequences
 from posttrain.models.logps import sequence_logps
 
@@ -91,6 +91,33 @@ def score_rows(model, tokenizer, row_list: list[tuple[str, str]], *, max_length:
     return table
 
 
+@torch.no_grad()
+def score_rows_on_all_ranks(model, tokenizer, row_list: list[tuple[str, str]], *, max_length: int, batch_size: int,
+                            autocast, progress: bool = True) -> dict[str, float]:
+    """:func:`score_rows` shared by the ranks of a process group (collective: every rank calls it): each rank scores
+    every ``world``-th row of the length order, runs as many forwards as the busiest rank (a ZeRO-3 model gathers its
+    weights inside each forward, so unequal counts hang), and every rank gets the whole table."""
+    from posttrain.models.distributed import world_size
+
+    world = world_size()
+    if world == 1:
+        return score_rows(model, tokenizer, row_list, max_length=max_length, batch_size=batch_size,
+                          autocast=autocast, progress=progress)
+    rank = torch.distributed.get_rank()
+    order = sorted(row_list, key=lambda row: len(row[0]) + len(row[1]))
+    shares = [order[r::world] for r in range(world)]
+    forwards = [-(-len(share) // batch_size) for share in shares]
+    table = score_rows(model, tokenizer, shares[rank], max_length=max_length, batch_size=batch_size,
+                       autocast=autocast, progress=progress)
+    device = next(model.parameters()).device
+    for _ in range(max(forwards) - forwards[rank]):
+        with autocast():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, table)
+    return {key: value for part in parts for key, value in part.items()}
+
+
 def cache_key(*, model_id: str, tokenizer_id: str, load_dtype: str, precision: str, max_length: int,
               row_list: list[tuple[str, str]]) -> str:
     """What determines the values: the reference's weights and numerics, the truncation, and the rows."""
@@ -102,11 +129,13 @@ def cache_key(*, model_id: str, tokenizer_id: str, load_dtype: str, precision: s
 def reference_table(model, tokenizer, kind: str, examples: list[dict], *, model_id: str, tokenizer_id: str,
                     load_dtype: str, precision: str, max_length: int, batch_size: int, autocast,
                     progress: bool = True) -> dict[str, float]:
-    """The cached table of ``examples``' rows (computed under the cache's file lock the first time)."""
+    """The cached table of ``examples``' rows, computed the first time under the cache's file lock; under a process
+    group by every rank together (rank 0 decides hit or miss and writes; no rank waits on the lock inside a
+    collective while another computes)."""
     row_list = rows(kind, examples)
     key = cache_key(model_id=model_id, tokenizer_id=tokenizer_id, load_dtype=load_dtype, precision=precision,
                     max_length=max_length, row_list=row_list)
-    return cached_json("reference_logps", key, lambda: score_rows(
+    return cached_json_on_all_ranks("reference_logps", key, lambda: score_rows_on_all_ranks(
         model, tokenizer, row_list, max_length=max_length, batch_size=batch_size, autocast=autocast,
         progress=progress))
 

@@ -17,14 +17,13 @@ the rank's share: the same prompts as one process, document for document, so ran
 single-process metrics (0/1 metrics exactly; log-likelihoods up to the batch composition's float rounding).
 
 A task with fewer documents than ranks (``eval.limit=1`` on two ranks) cannot be sharded (a rank without documents
-breaks lm-eval's gather): :func:`eval_world_size` then answers 1 and rank 0 evaluates alone, as before.
+breaks lm-eval's gather): :func:`eval_world_size` then answers 1 and rank 0 evaluates alone, as before. The base
+scores are built by all ranks together through posttrain.cache.cached_json_on_all_ranks.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
@@ -87,41 +86,3 @@ class ShardedTaskManager(TaskManager):
         for task in loaded["tasks"].values():
             task.build_all_requests = _build_share(task, task.build_all_requests)
         return loaded
-
-
-def cached_json_on_all_ranks(kind: str, key: str, build: Callable[[], Any]) -> Any:
-    """posttrain.cache.cached_json for every rank of a process group at once: ``build`` runs on all ranks together
-    (it is collective: a data-parallel evaluation, whose value exists on rank 0), rank 0 writes the cache file
-    atomically under the cache's file lock (other jobs of the scale read it, or wait on the lock), and every rank
-    returns rank 0's value. Rank 0 decides hit or miss for all, so the ranks never take different paths."""
-    from filelock import FileLock
-
-    from posttrain.cache import CACHE_EVENTS, cache_root, cached_json
-    from posttrain.results import write_json_atomic
-
-    if distributed.world_size() == 1:
-        return cached_json(kind, key, build)
-    path = cache_root() / kind / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock")  # the lock cached_json takes: one builder per key across jobs
-    with lock:  # every rank waits out another job's build here, not inside a collective (which would time out)
-        pass
-    main = distributed.is_main_process()
-    if main:
-        lock.acquire()
-    try:
-        hit = [json.loads(path.read_text()) if path.exists() else None] if main else [None]
-        torch.distributed.broadcast_object_list(hit, src=0)
-        if hit[0] is not None:
-            value = hit[0]
-        else:
-            value = [build()]
-            if main:
-                write_json_atomic(path, value[0])
-            torch.distributed.broadcast_object_list(value, src=0)
-            value = value[0]
-    finally:
-        if main:
-            lock.release()
-    CACHE_EVENTS[f"{kind}/{key}"] = hit[0] is not None
-    return value
