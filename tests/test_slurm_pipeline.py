@@ -113,3 +113,19 @@ def test_preempted_real_run_checkpoints_at_the_signal_and_resumes_from_that_step
                            text=True, capture_output=True).stdout
     assert "REQUEUED" in sacct or "PREEMPTED" in sacct, sacct
     assert [c.state for c in collect_status(sweep)] == ["completed"]
+
+
+def test_a_failed_preparation_job_cancels_its_cells_and_status_says_why(tmp_path):
+    proc = _launch(tmp_path, "algo=dpo,simpo", "scale.model=/nonexistent/model", *FAST)
+    [prep] = re.findall(r"preparation job (\d+)", proc.stdout + proc.stderr)
+    sweep = tmp_path / "outputs/grid"
+    assert all(c["after"] == prep for c in read_manifest(sweep)["cells"])
+    waited = _wait(sweep, timeout=300)
+    assert waited.returncode != 0
+    cells = collect_status(sweep)
+    assert len(cells) == 2 and {c.state for c in cells} <= {"cancelled", "failed"}, cells
+    for cell in cells:
+        assert f"preparation job {prep} FAILED" in cell.detail and ".submitit" in cell.detail
+        assert not (Path(cell.run_dir) / "result.json").exists(), "Slurm never started the cell"
+    log = next(sweep.glob(f".submitit/{prep}/{prep}_0_log.err")).read_text()
+    assert "nonexistent" in log

@@ -207,6 +207,7 @@ class _Cell:
     subdir_key: str = ""  # the cell as sweep.json names it (relative to the sweep directory, normalised)
     algo: str = ""
     lora: bool = False
+    after: Optional[str] = None  # the job id of its scale's preparation job
 
 
 def _active_jobs(job_ids: List[str]) -> set:
@@ -330,7 +331,7 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
                      f"{' '.join(json.loads(key)) or 'the default scale'} start after it")
             ids.append(str(job.job_id))
             for cell in members:
-                cell.params = preparation.after(cell.params, str(job.job_id))
+                cell.params, cell.after = preparation.after(cell.params, str(job.job_id)), str(job.job_id)
         return ids
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -414,8 +415,8 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
             # Write after every array, so a later refused submission does not lose the jobs already queued.
             write_manifest(
                 sweep_dir,
-                [make_entry(sweep_dir, c.run_dir, overrides=c.overrides, job_id=job_ids[c.num], submitted=submitted)
-                 for c in group],
+                [make_entry(sweep_dir, c.run_dir, overrides=c.overrides, job_id=job_ids[c.num], submitted=submitted,
+                            after=c.after) for c in group],
                 sweep=sweep_name, launcher=launcher_name)
 
         n_sub = len(job_ids)

@@ -46,8 +46,9 @@ def manifest_path(sweep_dir: str | os.PathLike) -> Path:
 
 def make_entry(sweep_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
                cell: str | None = None, overrides: Iterable[str] = (), job_id: Any = None,
-               submitted: str | None = None) -> dict:
-    """One sweep.json cell entry from either the cell directory or its path relative to the sweep directory."""
+               submitted: str | None = None, after: Any = None) -> dict:
+    """One sweep.json cell entry from either the cell directory or its path relative to the sweep directory;
+    ``after``: the job id of the scale's preparation job the cell's job waits for (posttrain.sweep.preparation)."""
     sweep_dir = Path(sweep_dir).absolute()
     if run_dir is None and cell is None:
         raise ValueError("a sweep.json entry needs run_dir or cell")
@@ -67,13 +68,14 @@ def make_entry(sweep_dir: str | os.PathLike, run_dir: str | os.PathLike | None =
         "overrides": [str(o) for o in overrides],
         "job_id": None if job_id is None else str(job_id),
         "submitted": submitted or now_iso(),
+        **({"after": str(after)} if after is not None else {}),
     }
 
 
 def _normalise(sweep_dir: Path, entry: Mapping[str, Any]) -> dict:
     return make_entry(sweep_dir, entry.get("run_dir"), cell=entry.get("cell"),
                       overrides=entry.get("overrides") or (), job_id=entry.get("job_id"),
-                      submitted=entry.get("submitted"))
+                      submitted=entry.get("submitted"), after=entry.get("after"))
 
 
 def read_manifest(sweep_dir: str | os.PathLike) -> dict | None:

@@ -20,6 +20,8 @@ The scheduler is asked once per refresh for all job ids together (one squeue, on
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import subprocess
@@ -279,10 +281,20 @@ def collect_status(sweep_dir: str | os.PathLike, *, scheduler=query_scheduler) -
     # cells that have no result.json.
     wanted = [str(e["job_id"]) for e in entries if e.get("job_id")]
     unsettled = [str(e["job_id"]) for e in entries if e.get("job_id") and results[id(e)] is None]
-    jobs = scheduler(wanted, unsettled) if wanted else {}
+    preparations = sorted({str(e["after"]) for e in entries if e.get("after") and results[id(e)] is None})
+    jobs = scheduler(wanted + preparations, unsettled + preparations) if wanted else {}
     driver = alive(manifest.get("driver")) if manifest.get("driver") else False
-    return [cell_state(e, results[id(e)], jobs.get(str(e.get("job_id"))),
-                       None if e.get("job_id") else read_running(runs[id(e)]), driver) for e in entries]
+    cells = [cell_state(e, results[id(e)], jobs.get(str(e.get("job_id"))),
+                        None if e.get("job_id") else read_running(runs[id(e)]), driver) for e in entries]
+    for i, entry in enumerate(entries):  # a cell Slurm never started because its preparation job failed
+        prep = jobs.get(str(entry.get("after"))) if entry.get("after") and results[id(entry)] is None else None
+        if prep is not None and _SLURM_STATES.get(prep.state, "failed") in ("failed", "cancelled") \
+                and cells[i].state in ("cancelled", "failed", "missing", "pending"):
+            cells[i] = dataclasses.replace(
+                cells[i], state="failed" if cells[i].state == "pending" else cells[i].state,
+                detail=f"preparation job {entry['after']} {prep.state}: its log is in "
+                       f"{Path(sweep_dir) / '.submitit' / str(entry['after'])}")
+    return cells
 
 
 def count_states(cells: Iterable[CellStatus]) -> dict[str, int]:
