@@ -49,6 +49,15 @@ def test_totals_without_and_with_the_shared_caches_by_hand():
     assert shared["total"]["eval"] == 312_000 and shared["total"]["trained"] == naive["total"]["trained"]
 
 
+def test_a_reference_the_cache_cannot_serve_is_paid_by_every_run():
+    kto, ld = (plan.cell_plan(c, files.default_conf_dir(), ASSUME)
+               for c in files.grid(["algo=kto,dpo", "scale=tiny-s", "+algo.ld_alpha=0.5"]))
+    # kto: 3 epochs x 512 unpaired rows x 150 tokens, reference per step + z0's mismatched rows (policy + reference)
+    assert kto.ref_key is None and kto.ref_per_run == 0
+    assert kto.cost.forward == 3 * 512 * 150 + 3 * 512 * 150 * 2
+    assert ld.ref_key is None and ld.cost.forward == ld.cost.trained == 230_400  # LD-DPO: per-token values
+
+
 def test_max_steps_caps_the_passes():
     cell = files.grid(["algo=dpo", "scale=tiny-s", "trainer.max_steps=4"])[0]
     p = plan.cell_plan(cell, files.default_conf_dir(), ASSUME)
@@ -74,8 +83,11 @@ def test_cli_prints_both_tables_and_the_assumptions(capsys):
     out = capsys.readouterr().out
     assert "without shared caches" in out and "with the shared per-scale caches" in out and "MFU 0.5" in out
     naive, shared = (3.2064e12 / 0.5e12 + 2.0032e12 / 0.25e12) / 3600, (2.7312e12 / 0.5e12 + 1.0416e12 / 0.25e12) / 3600
+    # self-play data and base scores shared, the reference forward in every run (230,400 tokens, not 76,800)
+    middle = ((2.7312e12 + 2e6 * (230_400 - 76_800)) / 0.5e12 + 1.0416e12 / 0.25e12) / 3600
     assert out.strip().splitlines()[-1] == (f"2 runs: {naive:,.1f} GPU-h without the caches, {shared:,.1f} with them "
-                                            f"({naive / shared:.2f}x)")
+                                            f"({naive / shared:.2f}x); {middle:,.1f} with self-play data and base "
+                                            "scores shared but reference log-probs computed in every run")
 
 
 def test_sweep_cli_dispatches_plan_with_its_options_first(capsys):

@@ -119,6 +119,42 @@ def test_only_runs_whose_reference_use_the_cache_covers_take_it(algo, hparams, c
     assert get(algo).reference_cacheable(hparams) is cacheable
 
 
+def _lock_worker(out: Path) -> None:
+    """One rank of test_ranks_wait_for_another_job_s_build: the entry is being built by another job (the test holds
+    the cache's lock); the ranks must wait it out and read that job's value."""
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    value = cache.cached_json_on_all_ranks("reference_logps", "held", lambda: {"built": "here"}, poll_s=0.2)
+    (out / f"rank{rank}.json").write_text(json.dumps({"value": value, "events": cache.CACHE_EVENTS}))
+    torch.save({}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_wait_for_another_job_s_build_without_hanging(cache_root, tmp_path):
+    import threading
+
+    from filelock import FileLock
+
+    path = cache_root / "reference_logps" / "held.json"
+    path.parent.mkdir(parents=True)
+    lock = FileLock(str(path) + ".lock", thread_local=False)  # released by the thread below
+    lock.acquire()
+
+    def other_job():  # finishes its build 3 s after the ranks started waiting
+        import time
+
+        time.sleep(3)
+        path.write_text(json.dumps({"built": "by the other job"}))
+        lock.release()
+
+    thread = threading.Thread(target=other_job)
+    thread.start()
+    ranks = spawn_ranks(__file__, tmp_path / "lock", 2, timeout=120)
+    thread.join()
+    for r in ranks:
+        assert r["value"] == {"built": "by the other job"} and r["events"] == {"reference_logps/held": True}
+
+
 def _two_rank_worker(out: Path) -> None:
     """One rank of test_ranks_share_the_reference_pass: the sharded pass on 5 rows, 2 per forward (rank 0: 2
     forwards, rank 1: 1 forward and 1 padding forward)."""
@@ -148,4 +184,4 @@ def test_ranks_share_the_reference_pass_and_all_get_the_whole_table(tok, tmp_pat
 
 
 if __name__ == "__main__":
-    _two_rank_worker(Path(sys.argv[1]))
+    (_lock_worker if Path(sys.argv[1]).name == "lock" else _two_rank_worker)(Path(sys.argv[1]))

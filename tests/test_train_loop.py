@@ -197,7 +197,7 @@ def test_length_grouped_micro_batches_hold_the_same_step_with_less_padding():
 
     examples = [{"prompt": "q" * (i % 7), "chosen": "a" * (3 * i % 11), "rejected": "b"} for i in range(16)]
     plain = list(step_batches(examples, _trainer(micro_batch_size=2, grad_accum=4), 0, 0, 4))
-    grouped = list(step_batches(examples, _trainer(micro_batch_size=2, grad_accum=4, group_by_length=True), 0, 0, 4))
+    grouped = list(step_batches(examples, _trainer(micro_batch_size=2, grad_accum=4), 0, 0, 4, group_by_length=True))
 
     def width(step):  # padded characters per step: each micro-batch pads to its longest example
         return sum(len(mb) * max(example_length(e) for e in mb) for mb in step)
@@ -218,3 +218,20 @@ def test_length_grouping_gives_the_same_training_run(tok):
         assert x == pytest.approx(y, abs=1e-5)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_length_grouping_on_several_ranks_repeats_the_same_examples_of_a_short_step():
+    from posttrain.train import example_length, shard_step
+
+    step = [{"prompt": "q" * n, "chosen": "", "rejected": ""} for n in (9, 2, 7, 1, 5, 3, 8)]  # a short last step
+    for micro in (1, 2):
+        plain = [e for r in range(4) for mb in shard_step(step, micro, r, 4) for e in mb]
+        grouped = [mb for r in range(4) for mb in shard_step(step, micro, r, 4, example_length)]
+        assert sorted(map(str, plain)) == sorted(map(str, (e for mb in grouped for e in mb))), "same repeats"
+
+
+def test_online_families_are_never_length_grouped():
+    from posttrain.algorithms import families
+
+    assert {f.name for f in families.FAMILIES.values() if f.groups_by_length} == {
+        "supervised", "pairwise", "token_pairwise", "unpaired"}

@@ -258,3 +258,13 @@ def test_the_vllm_tests_pass_against_vllms_own_package():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            " or ".join(names)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and f"{len(names)} passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_runs_on_several_ranks_that_would_build_an_engine_are_refused_in_one_line():
+    refuse = vllm_backend.several_ranks_refusal
+    assert refuse(generation_backend="vllm", eval_backend="hf", online=True, ranks=8).startswith("8 ranks: vllm")
+    assert refuse(generation_backend="hf", eval_backend="vllm", online=False, ranks=2) is not None
+    assert refuse(generation_backend="vllm", eval_backend="hf", online=False, ranks=8) is None, \
+        "offline: self-play comes from the preparation job's cache"
+    assert refuse(generation_backend="vllm", eval_backend="vllm", online=True, ranks=1) is None
+    assert "\n" not in vllm_backend.SEVERAL_RANKS

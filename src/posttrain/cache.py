@@ -82,11 +82,20 @@ def cached_json(kind: str, key: str, build: Callable[[], Any]) -> Any:
     return value
 
 
-def cached_json_on_all_ranks(kind: str, key: str, build: Callable[[], Any]) -> Any:
+def cached_json_on_all_ranks(kind: str, key: str, build: Callable[[], Any], *, poll_s: float = 1.0) -> Any:
     """posttrain.cache.cached_json for every rank of a process group at once: ``build`` runs on all ranks together
-    (it is collective: a data-parallel evaluation, whose value exists on rank 0), rank 0 writes the cache file
-    atomically under the cache's file lock (other jobs of the scale read it, or wait on the lock), and every rank
-    returns rank 0's value. Rank 0 decides hit or miss for all, so the ranks never take different paths."""
+    (it is collective: a data-parallel evaluation, a sharded reference pass), rank 0 writes the cache file
+    atomically under the cache's file lock, and every rank returns rank 0's value.
+
+    Only rank 0 touches the lock, and it never blocks on it: it tries to take it, tells every rank whether it got it
+    (one short broadcast), and while another job builds the entry all ranks sleep ``poll_s`` and ask again. So no
+    rank waits on the lock while another is inside a collective (a rank polling the lock while rank 0 broadcasts
+    hangs both), and no collective lasts longer than one try. Rank 0 then decides hit or miss for all, so the ranks
+    never take different paths."""
+    import time
+
+    from filelock import Timeout
+
     from posttrain.models import distributed
     from posttrain.results import write_json_atomic
 
@@ -97,11 +106,19 @@ def cached_json_on_all_ranks(kind: str, key: str, build: Callable[[], Any]) -> A
     path = cache_root() / kind / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path) + ".lock")  # the lock cached_json takes: one builder per key across jobs
-    with lock:  # every rank waits out another job's build here, not inside a collective (which would time out)
-        pass
     main = distributed.is_main_process()
-    if main:
-        lock.acquire()
+    while True:
+        got = [False]
+        if main:
+            try:
+                lock.acquire(timeout=0)
+                got = [True]
+            except Timeout:
+                pass
+        torch.distributed.broadcast_object_list(got, src=0)
+        if got[0]:
+            break
+        time.sleep(poll_s)  # another job of the scale builds this entry
     try:
         hit = [json.loads(path.read_text()) if path.exists() else None] if main else [None]
         torch.distributed.broadcast_object_list(hit, src=0)

@@ -267,6 +267,14 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
         algo = registry.get(str(cfg.algo.name))
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    from posttrain.models.distributed import world_size
+    from posttrain.rollout.vllm_backend import several_ranks_refusal
+
+    refusal = several_ranks_refusal(generation_backend=str(cfg.data.get("generation_backend", "hf")),
+                                    eval_backend=str(cfg.eval.get("backend", "hf")), online=algo.traits.reported == "online",
+                                    ranks=world_size())
+    if refusal:
+        raise UserError(refusal)
     chash = config_hash(cfg)
     if is_done(cell_dir, chash):  # posttrain.cell: completed with the same config hash
         print(f"[skipped] {cell}: already completed (config {chash})", flush=True)

@@ -80,15 +80,19 @@ def example_length(example: dict) -> int:
 
 
 def step_batches(examples: list, trainer, seed: int, start_batch: int, total_batches: int, rank: int = 0,
-                 world_size: int = 1, annotate: Callable[[list, int], list] | None = None) -> Iterator[list[list]]:
+                 world_size: int = 1, annotate: Callable[[list, int], list] | None = None,
+                 group_by_length: bool = False) -> Iterator[list[list]]:
     """The micro-batches of each batch of examples (``micro_batch_size * grad_accum``: one optimizer step's worth,
     or one rollout's) from ``start_batch`` to ``total_batches``: a seeded permutation per epoch. ``annotate(examples,
     batch index)`` (the family's ``step_hook``) sees each whole batch before it is split.
 
-    ``trainer.group_by_length``: a step's examples are sorted by length (stable) before they are split, so each
-    micro-batch holds examples of similar length and carries less padding. The step holds the same examples and
-    every loss is normalised by the whole step's example or token count, so the step's gradient is the same (up to
-    float rounding; beta-DPO's very first step, which uses each micro-batch's own mean, aside).
+    ``group_by_length`` (``trainer.group_by_length`` for the offline families: ``Family.groups_by_length``): a step's
+    examples are sorted by length (stable) before they are split, so each micro-batch holds examples of similar
+    length and carries less padding; on several ranks after the short last step's repeats are chosen, so the same
+    examples are repeated. The step holds the same examples and every loss is normalised by the whole step's example
+    or token count, so the step's gradient is the same (up to float rounding; beta-DPO's very first step, which uses
+    each micro-batch's own mean, aside). Not for online families: their step is sampled in prompt order, so another
+    order draws other samples. Nothing to gain at micro-batch 1: no sorting then.
 
     With ``world_size`` ranks, each rank takes its share of every step's micro-batches (``trainer.grad_accum`` counts
     the micro-batches of a step over all ranks, so the effective batch does not depend on the number of GPUs).
@@ -105,15 +109,16 @@ def step_batches(examples: list, trainer, seed: int, start_batch: int, total_bat
         chunk = [examples[i] for i in order[within * per_step:(within + 1) * per_step].tolist()]
         if annotate is not None:
             chunk = annotate(chunk, step)
-        if trainer.get("group_by_length", False) and micro < len(chunk):
-            chunk = sorted(chunk, key=example_length)
+        order = example_length if group_by_length and micro > 1 else None
         if world_size == 1:
+            chunk = sorted(chunk, key=order) if order else chunk
             yield [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
         else:
-            yield shard_step(chunk, micro, rank, world_size)
+            yield shard_step(chunk, micro, rank, world_size, order)
 
 
-def shard_step(chunk: list, micro: int, rank: int, world_size: int) -> list[list]:
+def shard_step(chunk: list, micro: int, rank: int, world_size: int,
+               order: Callable[[dict], int] | None = None) -> list[list]:
     """This rank's micro-batches of one step: every rank gets the same number (ZeRO-2/3 reduce in each backward).
 
     A full step splits exactly as on one process (micro-batch i goes to rank i % world_size). The last, shorter
@@ -124,6 +129,8 @@ def shard_step(chunk: list, micro: int, rank: int, world_size: int) -> list[list
     slots = world_size * math.ceil(math.ceil(len(chunk) / micro) / world_size)
     if len(chunk) < slots:
         chunk = (chunk * math.ceil(slots / len(chunk)))[:slots]
+    if order is not None:  # length grouping, after the repeats are chosen
+        chunk = sorted(chunk, key=order)
     base, extra = divmod(len(chunk), slots)
     bounds = [0]
     for i in range(slots):
@@ -263,8 +270,9 @@ def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tr
     bar = tqdm(total=total, initial=state.step, desc=f"training {algo.name}", unit="step",
                disable=not progress or engine.rank != 0)
     annotate = family.step_hook(algo, hparams, pool=examples, seed=seed)
+    grouped = bool(trainer.get("group_by_length", False)) and family.groups_by_length
     for micro_batches in step_batches(examples, trainer, seed, state.batches, total_batches, engine.rank,
-                                      engine.world_size, annotate):
+                                      engine.world_size, annotate, grouped):
         started, step_before = time.perf_counter(), state.step
         with engine.autocast():
             updates, rollout_stats = family.prepare(model, reference, tokenizer, algo, hparams, micro_batches,

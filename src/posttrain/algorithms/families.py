@@ -35,6 +35,9 @@ class Family:
     objective: Callable
     updates_per_batch: Callable
     step_hook: Callable
+    #: trainer.group_by_length applies (offline: the same step in another split; online: the step's prompts are
+    #: sampled in order, so another order would draw other samples)
+    groups_by_length: bool = False
 
 
 def _one_update(algo, hparams, micro_batches_per_rank: int | None = None) -> int:
@@ -47,7 +50,7 @@ def _no_step_hook(algo, hparams, *, pool: list, seed: int):
 
 def _offline(name: str, objective: Callable, prepare: Callable = objectives.offline_batches,
              step_hook: Callable = _no_step_hook) -> Family:
-    return Family(name, prepare, objective, _one_update, step_hook)
+    return Family(name, prepare, objective, _one_update, step_hook, groups_by_length=True)
 
 
 def _online(name: str, prepare: Callable, objective: Callable) -> Family:

@@ -27,8 +27,8 @@ run computes in (the autocast dtype under ``bf16-mixed``, else the weights'), an
 KV cache freed) between calls so training has the GPU. Every call samples from the model it is given: a full
 model's current weights are loaded into the engine first (``LLM.apply_model`` -> ``model.load_weights``); a
 ``peft`` model's adapter is saved and applied by vLLM's LoRA support, unmerged (merging a small update into bf16
-weights rounds most of it away, docs/real-scales.md). Under a process group of several ranks each rank builds its
-own engine on its GPU through vLLM's ``external_launcher`` (TRL's colocate setup). ``POSTTRAIN_VLLM_GPU_MEMORY``
+weights rounds most of it away, docs/real-scales.md). Only one-process runs build an engine (:data:`SEVERAL_RANKS`:
+the per-scale preparation job is one process, so a 7b study's self-play can still use vLLM). ``POSTTRAIN_VLLM_GPU_MEMORY``
 (default 0.3) is the share of the GPU's memory an engine may take.
 """
 
@@ -114,10 +114,29 @@ def model_dir(model) -> str:
     return str(path)
 
 
-def engine_kwargs(model, *, seed: int = 0, dtype=None, collective: bool = True) -> dict:
+#: Why a run on several ranks does not build a vLLM engine (one line; run.py refuses such runs before they load).
+SEVERAL_RANKS = ("vllm runs in one-process runs only: on several ranks the engines would be built one rank at a time "
+                 "(self-play under the cache's lock, evaluation on rank 0) while vLLM sets up groups over all ranks, "
+                 "and hang; build the scale's self-play data with vllm in its preparation job (Slurm) or a "
+                 "one-process run, and set data.generation_backend=hf / eval.backend=hf for runs on several ranks")
+
+
+def several_ranks_refusal(*, generation_backend: str, eval_backend: str, online: bool, ranks: int) -> str | None:
+    """The one line that stops a run on ``ranks`` > 1 ranks that would build a vLLM engine: online rollouts or
+    evaluation with vllm. Offline self-play with vllm is allowed: a preparation job (one process) builds it and the
+    run reads the cache; if it has to build it itself, :func:`engine_kwargs` stops it with the same line."""
+    if ranks > 1 and (eval_backend == "vllm" or (online and generation_backend == "vllm")):
+        return f"{ranks} ranks: {SEVERAL_RANKS}"
+    return None
+
+
+def engine_kwargs(model, *, seed: int = 0, dtype=None) -> dict:
     """The ``vllm.LLM`` arguments for ``model`` (shared with lm-eval's vllm model type, :func:`lm_eval_model`);
-    ``collective``: every rank of a process group builds its engine together (vLLM's external_launcher)."""
+    refused under a process group of several ranks (:data:`SEVERAL_RANKS`)."""
     import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(SEVERAL_RANKS)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights go in directly
     rank = _lora_rank(model)
@@ -126,8 +145,6 @@ def engine_kwargs(model, *, seed: int = 0, dtype=None, collective: bool = True) 
               "trust_remote_code": bool(getattr(_leaf(model).config, "trust_remote_code", False))}
     if rank is not None:
         kwargs.update(enable_lora=True, max_lora_rank=rank)
-    if collective and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        kwargs["distributed_executor_backend"] = "external_launcher"
     return kwargs
 
 
@@ -229,7 +246,7 @@ def lm_eval_model(model, tokenizer, eval_cfg, *, seed: int, dtype=None, adapter_
     evaluates: the engine is not built collectively."""
     from lm_eval.models.vllm_causallms import VLLM
 
-    kwargs = engine_kwargs(model, seed=seed, dtype=dtype, collective=False)
+    kwargs = engine_kwargs(model, seed=seed, dtype=dtype)
     kwargs.pop("seed")
     kwargs.pop("enable_sleep_mode")
     rank = kwargs.pop("max_lora_rank", None)

@@ -315,7 +315,8 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
         ids: List[str] = []
         for key, members in preparation.groups([c for c in cells if c.algo and c.params.get("prepare_jobs", True)]).items():
             params = preparation.job_parameters(members[0].params)
-            executor = submitit.AutoExecutor(folder=str(params["submitit_folder"]), cluster="slurm")
+            executor = submitit.AutoExecutor(folder=str(params["submitit_folder"]), cluster="slurm",
+                                             slurm_max_num_timeout=int(params.get("max_num_timeout") or 0))
             executor.update_parameters(**executor_parameters(params))
             overrides = members[0].overrides + [preparation.prepare_override([c.algo for c in members],
                                                                              [c.lora for c in members])]

@@ -165,14 +165,16 @@ def cell_plan(cell, conf_dir: Path, assume: Assumptions) -> CellPlan:
         cost.forward = sampled * (int(needs_ref) + int(iters * minib > 1))  # reference; old-policy log-probs
     else:
         cost.trained = passes * examples * rows * seq
-        if needs_ref:
+        if needs_ref and algo.reference_cacheable(hp):  # posttrain.algorithms.reference_cache
             ref_per_run = cost.trained
             ref_key, ref_once = (scale_name, "selfplay"), 2 * pairs * seq  # pairs and unpaired rows: same sequences
             if algo.data == "gold":
                 ref_key, ref_once = (scale_name, "gold"), prompts * seq
+        elif needs_ref:  # a reference forward in every step, cache or not (KTO's z0, LD-DPO, TR-DPO, TDPO)
+            cost.forward = cost.trained
         spec = algo.loss_spec
         if getattr(spec, "needs_kl_anchor", False):  # KTO's z0: mismatched rows, policy + reference, no grad
-            cost.forward = passes * examples * seq * 2
+            cost.forward += passes * examples * seq * 2
     uses_selfplay = algo.data in ("pairs", "unpaired", "selfplay_chosen")
     profile = str(ov.get("eval.profile", scale.get("eval_profile", "embedded")))
     eval_fwd = eval_gen = 0.0
@@ -184,8 +186,9 @@ def cell_plan(cell, conf_dir: Path, assume: Assumptions) -> CellPlan:
                     selfplay if uses_selfplay else 0.0, (eval_fwd, eval_gen))
 
 
-def totals(plans: list[CellPlan], assume: Assumptions, shared: bool) -> dict[str, dict]:
-    """Per scale (and "total"): runs, token counts by kind and GPU-hours, with or without the shared caches."""
+def totals(plans: list[CellPlan], assume: Assumptions, shared: bool, share_reference: bool = True) -> dict[str, dict]:
+    """Per scale (and "total"): runs, token counts by kind and GPU-hours, with or without the shared caches
+    (``share_reference=False``: self-play data and base scores shared, reference log-probs computed by every run)."""
     out: dict[str, dict] = {}
     seen_ref, seen_selfplay, seen_base = set(), set(), set()
     train_rate = assume.tflops * 1e12 * assume.mfu
@@ -196,10 +199,11 @@ def totals(plans: list[CellPlan], assume: Assumptions, shared: bool) -> dict[str
         c = p.cost
         ref = p.ref_per_run
         selfplay, base = p.selfplay, p.base_eval
-        if shared:
+        if shared and share_reference:
             ref = 0.0 if p.ref_key is None or p.ref_key in seen_ref else p.ref_once
             if p.ref_key is not None:
                 seen_ref.add(p.ref_key)
+        if shared:
             selfplay = 0.0 if p.scale in seen_selfplay or not p.selfplay else p.selfplay
             if p.selfplay:
                 seen_selfplay.add(p.scale)
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print("\n".join(assume.lines()))
     before, after = (totals(plans, assume, s)["total"]["gpu_hours"] for s in (False, True))
+    middle = totals(plans, assume, True, share_reference=False)["total"]["gpu_hours"]
     print(f"{len(plans)} run{'' if len(plans) == 1 else 's'}: {before:,.1f} GPU-h without the caches, {after:,.1f} with them "
-          f"({before / after if after else math.inf:.2f}x)")
+          f"({before / after if after else math.inf:.2f}x); {middle:,.1f} with self-play data and base scores shared "
+          "but reference log-probs computed in every run")
     return 0
