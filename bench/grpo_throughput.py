@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -54,7 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # rehearsal_assets: compose_config, the
 import torch  # noqa: E402
 from grpo_arms import GRPORecord, posttrain_arm, trl_arm  # noqa: E402
 from throughput import build_model, run_arm  # noqa: E402
-from throughput_arms import Baton  # noqa: E402
+from throughput_arms import Baton, append_lines  # noqa: E402
 
 #: name -> model, rollout shape (prompts per micro-batch x micro-batches per step, G samples each, max new tokens),
 #: learning rate and precision. tiny-s: the project's embedded base (trained: non-zero rewards, completions that end);
@@ -242,11 +241,7 @@ def main(argv=None) -> int:
         notes = NOTES["common"].format(reward=reward, samples=samples) + "; " + NOTES[name]
         lines.append({**summary(name, records[name], args.warmup, common), "notes": notes})
     report(lines)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for line in lines:
-            fh.write(json.dumps(line) + "\n")
+    append_lines(Path(args.out), lines)
     return 0
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -59,7 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # rehearsal_assets: the published Qwen2.5 architectures
 
 import torch  # noqa: E402
-from throughput_arms import OPTIM, Baton, Record, masked_pairwise, posttrain_arm, trl_arm  # noqa: E402
+from throughput_arms import (OPTIM, Baton, Record, append_lines, masked_pairwise, posttrain_arm,  # noqa: E402
+                             trl_arm)
 
 #: name -> model architecture, data shape, batch and precision. cpu-s / cpu-m: the issue's CPU setup (character
 #: vocabulary, so the body, not a 152K-row head, is what is measured); 0.5b / 1.5b: Qwen2.5's published architectures,
@@ -257,11 +257,7 @@ def main(argv=None) -> int:
             "peak_tflops": peak,
         })
     report(lines)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for line in lines:
-            fh.write(json.dumps(line) + "\n")
+    append_lines(Path(args.out), lines)
     return 0
 
 

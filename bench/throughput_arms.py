@@ -3,6 +3,7 @@ while it holds the baton, with its per-step seconds, losses, LM-head rows and pe
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -33,6 +34,14 @@ class Baton:
         self.back.clear()
         self.go[name].set()
         self.back.wait()
+
+
+def append_lines(path: Path, lines: list[dict]) -> None:
+    """Append one JSON line per implementation to a benchmark's results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        for line in lines:
+            fh.write(json.dumps(line) + "\n")
 
 
 class Clock:
