@@ -49,8 +49,18 @@ def _times(job_id: str) -> tuple[str, str, str]:
     return tuple(out.strip().splitlines()[0].split("|"))
 
 
-def test_six_tiny_cells_run_through_slurm_after_their_scale_s_preparation_job(tmp_path):
-    grid = ["algo=sft,dpo,simpo", "seed=0,1", "data.seed=7", *FAST]  # data.seed=7: data no other test has cached
+def test_six_tiny_cells_run_through_slurm_after_their_scale_s_preparation_job(tmp_path, monkeypatch):
+    # a cache root of its own (the built bases and task files linked in), so the preparation job has to build the
+    # scale's self-play data, base scores and reference log-probs on every run of this test
+    from posttrain.cache import cache_root
+
+    shared, own = cache_root(), tmp_path / "cache"
+    own.mkdir()
+    for kind in ("bases", "tasks", "python"):
+        if (shared / kind).exists():
+            (own / kind).symlink_to(shared / kind, target_is_directory=True)
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(own))
+    grid = ["algo=sft,dpo,simpo", "seed=0,1", *FAST]
     started = time.monotonic()
     proc = _launch(tmp_path, *grid)
     assert time.monotonic() - started < 120, "the launch returns once the cells are submitted"
