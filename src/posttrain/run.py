@@ -271,8 +271,8 @@ def run_cell(cfg: DictConfig, cell_dir: Path, *, variant_name: str, cell: str, s
     from posttrain.rollout.vllm_backend import several_ranks_refusal
 
     refusal = several_ranks_refusal(generation_backend=str(cfg.data.get("generation_backend", "hf")),
-                                    eval_backend=str(cfg.eval.get("backend", "hf")), online=algo.traits.reported == "online",
-                                    ranks=world_size())
+                                    eval_backend=str(cfg.eval.get("backend", "hf")),
+                                    online=algo.traits.reported == "online", ranks=world_size())
     if refusal:
         raise UserError(refusal)
     chash = config_hash(cfg)

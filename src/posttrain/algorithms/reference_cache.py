@@ -58,7 +58,8 @@ def row_key(prompt: str, completion: str) -> str:
 
 
 def rows(kind: str, examples: Iterable[dict]) -> list[tuple[str, str]]:
-    """The distinct (prompt, completion) rows of ``examples`` of data ``kind`` the reference scores, in a fixed order."""
+    """The distinct (prompt, completion) rows of ``examples`` of data ``kind`` the reference scores, in a fixed
+    order."""
     seen: dict[str, tuple[str, str]] = {}
     for example in examples:
         for name in ROW_FIELDS[kind]:

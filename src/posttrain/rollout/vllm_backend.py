@@ -28,7 +28,8 @@ KV cache freed) between calls so training has the GPU. Every call samples from t
 model's current weights are loaded into the engine first (``LLM.apply_model`` -> ``model.load_weights``); a
 ``peft`` model's adapter is saved and applied by vLLM's LoRA support, unmerged (merging a small update into bf16
 weights rounds most of it away, docs/real-scales.md). Only one-process runs build an engine (:data:`SEVERAL_RANKS`:
-the per-scale preparation job is one process, so a 7b study's self-play can still use vLLM). ``POSTTRAIN_VLLM_GPU_MEMORY``
+the per-scale preparation job is one process, so a 7b study's self-play can still use vLLM).
+``POSTTRAIN_VLLM_GPU_MEMORY``
 (default 0.3) is the share of the GPU's memory an engine may take.
 """
 

@@ -313,7 +313,8 @@ class PosttrainSlurmLauncherImpl(BaseSubmititLauncher):
         from posttrain.sweep import preparation
 
         ids: List[str] = []
-        for key, members in preparation.groups([c for c in cells if c.algo and c.params.get("prepare_jobs", True)]).items():
+        wanted = [c for c in cells if c.algo and c.params.get("prepare_jobs", True)]  # posttrain cells only
+        for key, members in preparation.groups(wanted).items():
             params = preparation.job_parameters(members[0].params)
             executor = submitit.AutoExecutor(folder=str(params["submitit_folder"]), cluster="slurm",
                                              slurm_max_num_timeout=int(params.get("max_num_timeout") or 0))
