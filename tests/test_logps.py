@@ -33,6 +33,20 @@ def _batch(vocab: int = 97, b: int = 4, t: int = 23, seed: int = 1) -> dict:
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
 
 
+PAIR_COMPLETIONS, PAIR_SPAN = 3 * (4 + 6), 10 + 4 + 6  # completion positions; longest prompt + chosen + rejected
+
+
+def _pair_batch(vocab: int = 97, seed: int = 1) -> dict:
+    """3 pairs (chosen rows, then rejected rows): prompts of 6, 8, 10 tokens, completions of 4 and 6 tokens."""
+    from posttrain.data.collate import pad_rows
+
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [draw(6 + 2 * i) for i in range(3)]
+    rows = [(p, draw(4)) for p in prompts] + [(p, draw(6)) for p in prompts]
+    return {**pad_rows(rows, 0, 64), "pairs": 3}
+
+
 def _plain(model, batch, temperature=1.0):
     mask = batch["completion_mask"][:, 1:].bool()
     lp = logps.token_logps(model, batch["input_ids"], batch["attention_mask"], temperature)
@@ -253,13 +267,16 @@ def _ds_worker(out) -> None:
                                     betas=[0.9, 0.95], eps=100.0, weight_decay=0.0, max_grad_norm=0.0,
                                     precision="fp32"))
     batch = _batch(seed=1 + info.rank)  # each rank its own rows
+    pairs = _pair_batch(seed=1 + info.rank)
+    modes = {"plain": (_plain, batch), "fast": (_fast, batch),  # chosen and rejected as two rows, then packed
+             "two_rows": (lambda m, b: logps.pair_token_logps(m, b, shared_prompt=False), pairs),
+             "shared": (lambda m, b: logps.pair_token_logps(m, b, shared_prompt=True), pairs)}
     results = {}
     for stage in DS_STAGES:
         runs = {}
-        for mode in ("plain", "fast"):
+        for mode, (fn, batch) in modes.items():
             engine = DeepSpeedEngine(_model(tied=stage == 3), trainer, 1, {"enabled": True, "stage": stage})
             engine.module.train()
-            fn = _fast if mode == "fast" else _plain
             rows = _used_head_rows(engine.module, lambda: runs.__setitem__("lp", fn(engine.model, batch)))
             lp = runs.pop("lp")
             engine.backward(lp.sum())
@@ -269,12 +286,16 @@ def _ds_worker(out) -> None:
             runs[mode] = (lp.detach(), weights, rows)
             engine.close()
         (lp_plain, w_plain, rows_plain), (lp_fast, w_fast, rows_fast) = runs["plain"], runs["fast"]
+        (lp_two, w_two, _), (lp_shared, w_shared, rows_shared) = runs["two_rows"], runs["shared"]
         results[f"zero{stage}"] = {
             "logps": float((lp_fast - lp_plain).abs().max()), "head_rows": [rows_plain, rows_fast],
-            "completion": int(batch["completion_mask"][:, 1:].sum()),
+            "completion": int(modes["fast"][1]["completion_mask"][:, 1:].sum()),
             "weights": max(float((w_fast[n] - w_plain[n]).abs().max()) for n in w_plain),
             "moved": max(float((w_plain[n] - _model(tied=stage == 3).state_dict()[n]).abs().max())
-                         for n in w_plain)}
+                         for n in w_plain),
+            # the shared-prompt packing through the engine (ZeRO-3: on the plain full-logits path)
+            "shared_logps": float((lp_shared - lp_two).abs().max()), "shared_head_rows": rows_shared,
+            "shared_weights": max(float((w_shared[n] - w_two[n]).abs().max()) for n in w_two)}
     (out / f"rank{info.rank}.json").write_text(json.dumps(results))
     torch.save({}, out / f"rank{info.rank}.pt")
 
@@ -292,6 +313,10 @@ def test_fast_path_through_a_deepspeed_engine_equals_the_plain_path(tmp_path):
             assert got["head_rows"] == [4 * 23, fast_rows], (stage, got)
             assert got["logps"] < 1e-5 and got["moved"] > 1e-3, (stage, got)
             assert got["weights"] < 1e-4, (stage, got)  # the gradients of both paths (see _ds_worker)
+            # chosen and rejected behind one prompt copy: same values and gradients; the head saw each completion
+            # position once (ZeRO-2) or every packed position (ZeRO-3's plain path: 3 pairs x their longest span)
+            assert got["shared_logps"] < 1e-5 and got["shared_weights"] < 1e-4, (stage, got)
+            assert got["shared_head_rows"] == (PAIR_COMPLETIONS if stage == 2 else 3 * PAIR_SPAN), (stage, got)
 
 
 if __name__ == "__main__":

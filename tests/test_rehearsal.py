@@ -139,6 +139,7 @@ def test_1_5b_dpo_full_fine_tuning(world):
     model = ra.build_model("1.5b", world["assets"] / "1.5b", world["tokenizer"])
     result = _cell(world, "1.5b", str(model))
     assert result["lora"] is False and result["train"]["reference_cache"] is True
+    assert result["train"]["shared_prompt"] is True  # bf16-mixed, micro-batch 1, pad = an EOS: one row per pair
     assert any(k.startswith("reference_logps/") for k in result["provenance"]["cache_hits"])
 
 
@@ -156,3 +157,4 @@ def test_7b_with_its_study_default_lora_on_zero3_over_two_ranks(world):
     # DeepSpeed's bf16 mode, as on the GPUs: bf16 module (adapters included), float32 master copy in its optimizer
     assert result["train"]["precision"]["engine_mixing"] == "deepspeed_bf16"
     assert result["train"]["precision"]["trainable_weights"] == ["bfloat16"]
+    assert result["train"]["shared_prompt"] is True  # packed pairs through ZeRO-3's partitioned head (plain path)

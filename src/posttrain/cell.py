@@ -28,6 +28,7 @@ NON_RESULT_KEYS = ("logger", "dry_run", "sweep_name", "output_root", "keep_check
 NON_RESULT_SUBKEYS = ("trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.log_every", "trainer.threads",
                       "trainer.reference_cache", "trainer.group_by_length",
                       "trainer.gradient_checkpointing", "trainer.liger",  # same values, other speed/memory
+                      "trainer.shared_prompt",
                       "eval.batch_size", "data.generation_batch_size", "data.min_pair_yield", "data.mirror")
 #: Override keys that already name the cell's path (not repeated in the variant).
 #: Keys added after sweeps were run, at a default that reproduces what those sweeps did: left out of the config

@@ -151,6 +151,7 @@ SCHEMA: dict[str, Spec] = {
     "trainer.group_by_length": Spec("bool"),
     "trainer.gradient_checkpointing": AUTO_BOOL,  # posttrain/models/memory_plan.py
     "trainer.liger": AUTO_BOOL,  # posttrain/models/kernels.py
+    "trainer.shared_prompt": AUTO_BOOL,  # posttrain/models/shared_prompt.py
     # data (conf/data/selfplay.yaml)
     "data.source": Spec("choice", choices=("synthetic", "gsm8k")),
     "data.path": Spec("str", nullable=True),

@@ -231,7 +231,8 @@ def train_record(state) -> dict:
         "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else 0.0,
         "prepare_seconds": round(state.prepare_seconds, 3),  # online: the rollout phases (generation and scoring)
         "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
-        "reward_curve": state.reward_curve, "resumed_from": state.resumed_from}
+        "reward_curve": state.reward_curve, "resumed_from": state.resumed_from,
+        "shared_prompt": state.shared_prompt}  # pair batches packed behind one prompt copy (models/shared_prompt.py)
 
 
 def summary_line(result: dict, cell_dir: Path) -> str:

@@ -39,6 +39,7 @@ from posttrain.algorithms.objectives import StepContext, prime_memory
 from posttrain.algorithms.reference_sync import ReferenceSync, ReferenceWeights, split_loop_options, sync_reference
 from posttrain.models.distributed import world_size
 from posttrain.models.engine import gathered, make_engine
+from posttrain.models.shared_prompt import decide as decide_shared_prompt
 from posttrain.preemption import Preemption
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -56,6 +57,7 @@ class TrainState:
     loss_curve: list = field(default_factory=list)  # [[step, loss], ...]
     reward_curve: list = field(default_factory=list)  # [[step, mean reward], ...] (online methods)
     resumed_from: int | None = None  # the checkpoint step this run resumed from (preemption, time-out), if any
+    shared_prompt: bool = False  # pair batches ran one row per pair behind one prompt copy (trainer.shared_prompt)
 
 
 def plan(n_examples: int, trainer, updates_per_batch: int = 1) -> tuple[int, int]:
@@ -184,7 +186,7 @@ def _pad_backward(engine, model, passes: int) -> None:
 
 
 def optimizer_update(engine, model, reference, objective, algo, hparams, update: list[dict],
-                     memory: LoopMemory) -> tuple[float, dict, float, int]:
+                     memory: LoopMemory, shared_prompt: bool = False) -> tuple[float, dict, float, int]:
     """One optimizer step on ``update``'s micro-batches: ``(loss, objective stats, grad norm, tokens seen)``.
 
     Losses arrive already divided by the update's example / completion-token count over all ranks (``StepContext``),
@@ -200,7 +202,7 @@ def optimizer_update(engine, model, reference, objective, algo, hparams, update:
     if n_batches == 0:  # nothing on any rank (DAPO kept no group, a minibatch the short last step left empty)
         engine.skip_step()
         return 0.0, {}, 0.0, 0
-    ctx = StepContext(examples=int(n_examples), tokens=int(n_tokens), memory=memory)
+    ctx = StepContext(examples=int(n_examples), tokens=int(n_tokens), memory=memory, shared_prompt=shared_prompt)
     padding = _padding_passes(engine, len(update))
     step_loss, stats = 0.0, {}
     for batch in update:
@@ -271,6 +273,7 @@ def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tr
                disable=not progress or engine.rank != 0)
     annotate = family.step_hook(algo, hparams, pool=examples, seed=seed)
     grouped = bool(trainer.get("group_by_length", False)) and family.groups_by_length
+    state.shared_prompt = decide_shared_prompt(trainer.get("shared_prompt", "auto"), model)
     for micro_batches in step_batches(examples, trainer, seed, state.batches, total_batches, engine.rank,
                                       engine.world_size, annotate, grouped):
         started, step_before = time.perf_counter(), state.step
@@ -285,7 +288,7 @@ def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tr
         for update in updates[: total - state.step]:
             update_started = time.perf_counter()
             step_loss, stats, grad_norm, seen_tokens = optimizer_update(engine, model, reference, objective, algo,
-                                                                        hparams, update, memory)
+                                                                        hparams, update, memory, state.shared_prompt)
             stats["update_seconds"] = time.perf_counter() - update_started
             state.step += 1
             state.tokens += seen_tokens

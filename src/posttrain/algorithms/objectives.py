@@ -26,7 +26,7 @@ from posttrain.algorithms.memory import LoopMemory, RunningMean
 from posttrain.losses._common import check_hparams
 from posttrain.data.collate import collate, mismatched_partners, mismatched_rows
 from posttrain.models.engine import PROCESS_GROUP
-from posttrain.models.logps import logps_from_logits, sequence_logps, shifted_logits, token_logps
+from posttrain.models.logps import logps_from_logits, pair_token_logps, sequence_logps, shifted_logits, token_logps
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class StepContext:
     examples: int  # examples in the whole accumulated optimizer step (over all ranks)
     tokens: int  # completion tokens in the whole accumulated optimizer step (over all ranks)
     memory: LoopMemory | None = None  # state carried across steps (running statistics, PPO's value head)
+    shared_prompt: bool = False  # pair batches: one row per pair behind one prompt copy (models/shared_prompt.py)
 
 
 def _running(spec, hparams: dict, memory: LoopMemory | None) -> tuple[dict, list]:
@@ -104,8 +105,8 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
     if wpo:  # WPO weighs by each position's whole next-token distribution: full-vocabulary logits
         logits = shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
         token_lp = logps_from_logits(logits, batch["input_ids"])
-    else:  # the LM head on completion positions only (models/logps.py)
-        token_lp = token_logps(policy, batch["input_ids"], batch["attention_mask"], completion_mask=mask)
+    else:  # the LM head on completion positions only, pairs behind one prompt copy where allowed (models/logps.py)
+        token_lp = pair_token_logps(policy, batch, shared_prompt=ctx.shared_prompt)
     chosen, rejected = _pair_logps(token_lp, mask, n, ld_alpha)
     lengths = mask.sum(-1)
     ref_chosen = ref_rejected = None
@@ -116,7 +117,7 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
         ref_tok = batch.get("ref_token_logps")  # online pairs: computed in the rollout phase
         if ref_tok is None:
             with reference.active() as ref_model:
-                ref_tok = token_logps(ref_model, batch["input_ids"], batch["attention_mask"], completion_mask=mask)
+                ref_tok = pair_token_logps(ref_model, batch, shared_prompt=ctx.shared_prompt)
         ref_chosen, ref_rejected = _pair_logps(ref_tok, mask, n, ld_alpha)
     spec = algo.loss_spec
     loss_hp, observers = _running(spec, loss_hp, ctx.memory)

@@ -124,8 +124,11 @@ def _head_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: 
     return torch.cat(out)
 
 
-def _completion_logps(model, pieces, input_ids, attention_mask, mask, temperature) -> torch.Tensor:
+def _completion_logps(model, pieces, inputs: dict, plan, temperature) -> torch.Tensor:
+    """The body once, then the head at the plan's positions only: ``plan`` = ((rows, cols) of the hidden states,
+    their target ids, (rows, cols) of the result, result shape)."""
     inner, body, head = pieces
+    (rows, cols), targets, dest, shape = plan
     captured = {}
 
     def keep_hidden(module, args, output):
@@ -134,20 +137,29 @@ def _completion_logps(model, pieces, input_ids, attention_mask, mask, temperatur
     def head_only(module, args, kwargs, output):
         if "hidden" not in captured:  # the body was not called as a module: the caller takes the plain path
             return None
-        hidden = captured.pop("hidden")[:, :-1]  # [B, T-1, H]: position t predicts token t+1
-        rows, cols = mask.nonzero(as_tuple=True)
-        values = _head_logps(head, hidden[rows, cols], input_ids[:, 1:][rows, cols], temperature)
-        return torch.zeros(mask.shape, dtype=torch.float32, device=values.device).index_put((rows, cols), values)
+        values = _head_logps(head, captured.pop("hidden")[rows, cols], targets, temperature)
+        return torch.zeros(shape, dtype=torch.float32, device=values.device).index_put(dest, values)
 
     handles = [body.register_forward_hook(keep_hidden),
                inner.register_forward_hook(head_only, with_kwargs=True)]
     try:
         # the whole model runs (wrappers' forwards included); the head inside it sees no position
-        no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=no_position)
+        no_position = torch.zeros(0, dtype=torch.long, device=targets.device)
+        return model(**inputs, logits_to_keep=no_position)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _head_pieces(model):
+    """:func:`_pieces` where the completion-only path applies (on, and the head not ZeRO-3 partitioned), else None."""
+    pieces = _pieces(model) if COMPLETION_ONLY else None
+    if pieces is not None and _partitioned(pieces[2]):
+        # ZeRO-3 gathers the head's weights in each call of it: this path calls it more often than a plain forward
+        # does, and a rank padding its step with plain forwards (uneven micro-batches) would leave the ranks'
+        # gathers unmatched. Partitioned heads take the plain path.
+        return None
+    return pieces
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
@@ -159,13 +171,13 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, te
     if completion_mask is None:
         return logps_from_logits(shifted_logits(model, input_ids, attention_mask, temperature), input_ids)
     mask = _shifted_mask(completion_mask, input_ids)
-    pieces = _pieces(model) if COMPLETION_ONLY else None
-    if pieces is not None and _partitioned(pieces[2]):
-        # ZeRO-3 gathers the head's weights in each call of it: this path calls it more often than a plain forward
-        # does, and a rank padding its step with plain forwards (uneven micro-batches) would leave the ranks'
-        # gathers unmatched. Partitioned heads take the plain path.
-        pieces = None
-    out = None if pieces is None else _completion_logps(model, pieces, input_ids, attention_mask, mask, temperature)
+    pieces = _head_pieces(model)
+    out = None
+    if pieces is not None:
+        rows, cols = mask.nonzero(as_tuple=True)
+        plan = (rows, cols), input_ids[:, 1:][rows, cols], (rows, cols), tuple(mask.shape)
+        out = _completion_logps(model, pieces, {"input_ids": input_ids, "attention_mask": attention_mask}, plan,
+                                temperature)
     if torch.is_tensor(out):
         return out
     lp = logps_from_logits(shifted_logits(model, input_ids, attention_mask, temperature), input_ids)
@@ -177,3 +189,27 @@ def sequence_logps(model, batch: dict, temperature: float = 1.0) -> tuple[torch.
     mask = batch["completion_mask"][:, 1:]
     lp = token_logps(model, batch["input_ids"], batch["attention_mask"], temperature, completion_mask=mask)
     return lp.sum(-1), mask.float().sum(-1)
+
+
+def pair_token_logps(model, batch: dict, *, shared_prompt: bool, temperature: float = 1.0) -> torch.Tensor:
+    """:func:`token_logps` of a pair batch (2N rows, chosen first, ``batch["pairs"]`` = N) at its completion
+    positions, [2N, T-1]. With ``shared_prompt`` each pair runs as one row behind one copy of its prompt
+    (posttrain.models.shared_prompt): the same values up to rounding, a fifth fewer tokens on the study's data."""
+    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    packing = None
+    if shared_prompt:
+        from posttrain.models.shared_prompt import CUDA_ALIGN, attention_kernel, pack
+        packing = pack(ids, attention, completion, batch["pairs"], kernel=attention_kernel(model) or "sdpa",
+                       align=CUDA_ALIGN if ids.device.type == "cuda" else 1)
+    if packing is None:
+        return token_logps(model, ids, attention, temperature, completion_mask=completion[:, 1:])
+    inputs = {"input_ids": packing.input_ids, "attention_mask": packing.attention_mask,
+              "position_ids": packing.position_ids}
+    plan = packing.source, packing.targets, packing.dest, packing.shape
+    pieces = _head_pieces(model)
+    out = None if pieces is None else _completion_logps(model, pieces, inputs, plan, temperature)
+    if torch.is_tensor(out):
+        return out
+    logits = model(**inputs).logits  # the plain path: full logits of the packed rows, picked at the plan's places
+    values = _chunk_logps(lambda x: x, logits[packing.source], packing.targets, temperature)
+    return torch.zeros(packing.shape, dtype=torch.float32, device=values.device).index_put(packing.dest, values)
