@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     parser.add_argument("--recompute-head", action="store_true",
                         help="posttrain.models.logps.RECOMPUTE_HEAD: the fast path recomputes the head's logits in "
                              "the backward pass instead of keeping them")
+    parser.add_argument("--shared-prompt", choices=("auto", "false"), default="auto",
+                        help="trainer.shared_prompt for the posttrain arms (auto: chosen and rejected behind one "
+                             "prompt copy where the attention kernel allows, as the loop does)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--note", default="", help="free text stored with each line (how it was run)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -203,17 +206,17 @@ def main(argv=None) -> int:
     baton = Baton(impls)
     arms = {
         "posttrain": lambda: posttrain_arm(copy.deepcopy(base), pairs, tokenizer, scale, args.algo, device, total,
-                                           records["posttrain"], baton),
+                                           records["posttrain"], baton, shared_prompt=args.shared_prompt),
         "trl": lambda: trl_arm(copy.deepcopy(base), pairs, tokenizer, scale, args.algo, device, total, records["trl"],
                                baton, name="trl", gradient_checkpointing=True),
         "trl_no_gc": lambda: trl_arm(copy.deepcopy(base), pairs, tokenizer, scale, args.algo, device, total,
                                      records["trl_no_gc"], baton, name="trl_no_gc", gradient_checkpointing=False),
         "posttrain_masked": lambda: posttrain_arm(copy.deepcopy(base), pairs, tokenizer, scale, args.algo, device,
                                                   total, records["posttrain_masked"], baton, name="posttrain_masked",
-                                                  objective=masked_pairwise),
+                                                  objective=masked_pairwise, shared_prompt=args.shared_prompt),
         "posttrain_study": lambda: posttrain_arm(copy.deepcopy(base), pairs, tokenizer, scale, args.algo, device,
                                                  total, records["posttrain_study"], baton, name="posttrain_study",
-                                                 cached=True),
+                                                 cached=True, shared_prompt=args.shared_prompt),
     }
     warm_imports(impls)  # module imports are not thread-safe (TRL's lazy modules): all of them here, first
     runs = {n: arms[n]() for n in impls}
@@ -247,6 +250,7 @@ def main(argv=None) -> int:
             "losses": [round(x, 7) for x in rec.losses[:8]], "logps": args.logps if name.startswith("posttrain") else None,
             "recompute_head": args.recompute_head if name.startswith("posttrain") else None,
             "logps_chunk": logps.CHUNK if name.startswith("posttrain") else None,
+            "shared_prompt": rec.shared_prompt,
             "params": n_params, "lr": OPTIM["lr"], "precision": scale["precision"], "micro_batch": scale["micro"],
             "grad_accum": scale["accum"], "threads": args.threads, "note": args.note,
             "reference_prepass_s": None if rec.prepass_s is None else round(rec.prepass_s, 3),

@@ -169,10 +169,11 @@ def masked_pairwise(policy, reference, batch, algo, hparams, ctx):
 
 
 def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec, baton, *, name="posttrain",
-                  objective=None, cached=False):
+                  objective=None, cached=False, shared_prompt="auto"):
     """``cached``: as a study runs it -- the reference log-probs from the per-scale cache (their pre-pass timed
     apart, ``rec.prepass_s``: a scale pays it once for all its runs; no reference copy kept) and each step's pairs
-    grouped by length (trainer.group_by_length)."""
+    grouped by length (trainer.group_by_length). ``shared_prompt``: trainer.shared_prompt (auto, as the loop:
+    chosen and rejected behind one prompt copy where the attention kernel allows; posttrain.models.shared_prompt)."""
     from omegaconf import OmegaConf
 
     from posttrain.algorithms import get
@@ -180,6 +181,7 @@ def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec,
     from posttrain.data.collate import collate
     from posttrain.models.engine import make_engine
     from posttrain.models.loading import Reference
+    from posttrain.models.shared_prompt import decide
     from posttrain.train import optimizer_update
 
     algo = get(algo_name)
@@ -206,6 +208,7 @@ def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec,
         reference = Reference(model if algo.needs_reference({"beta": 0.1}) else None)
     engine = make_engine(model, trainer, total_steps=steps)
     objective, memory = objective or family_objective(algo), LoopMemory()
+    shared = rec.shared_prompt = decide(shared_prompt, model)
     heads = HeadRows(model)
 
     def run():
@@ -215,7 +218,7 @@ def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec,
             heads.rows = 0
             rec.clock.start()
             loss, _, _, _ = optimizer_update(engine, engine.model, reference, objective, algo, {"beta": 0.1},
-                                             batches, memory)
+                                             batches, memory, shared)
             rec.clock.stop()
             rec.losses.append(loss)
             rec.head_rows.append(heads.rows)
@@ -223,7 +226,7 @@ def posttrain_arm(model, pairs, tokenizer, scale, algo_name, device, steps, rec,
         batches = update(steps)
         baton.wait_turn(name)  # the untimed memory step, on the next step's pairs as TRL's
         rec.peak = step_peak_bytes(lambda: optimizer_update(engine, engine.model, reference, objective, algo,
-                                                            {"beta": 0.1}, batches, memory), rec.clock.cuda)
+                                                            {"beta": 0.1}, batches, memory, shared), rec.clock.cuda)
         rec.resident = _resident_bytes(model, engine.optimizer, *([reference.module] if reference.movable else []))
         baton.hand_back()
         heads.handle.remove()
@@ -310,3 +313,4 @@ class Record:
     def __init__(self, cuda):
         self.clock, self.losses, self.head_rows, self.peak, self.resident = Clock(cuda), [], [], None, None
         self.prepass_s = None
+        self.shared_prompt = None  # posttrain arms: whether pairs ran behind one prompt copy
