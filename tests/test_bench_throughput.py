@@ -47,3 +47,26 @@ def test_the_study_configuration_keeps_no_reference_copy(lines):
     study, plain = lines["posttrain_study"], lines["posttrain"]
     assert study["reference_prepass_s"] > 0 and plain["reference_prepass_s"] is None
     assert study["resident_bytes"] < plain["resident_bytes"]
+
+
+def test_the_posttrain_arms_run_pairs_behind_one_prompt_copy(lines):
+    assert lines["posttrain"]["shared_prompt"] is True and lines["posttrain_study"]["shared_prompt"] is True
+    assert lines["trl_no_gc"]["shared_prompt"] is None
+
+
+def test_cached_reference_noise_is_rounding_in_fp32_and_small_in_bf16(tmp_path):
+    """bench/reference_noise.py: the cached reference against the loop's own forward at the first step (policy ==
+    reference), where an in-loop reference would give DPO margins of exactly 0."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import reference_noise
+
+    out = tmp_path / "noise.jsonl"
+    assert reference_noise.main(["--scale", "cpu-xs", "--pairs", "8", "--out", str(out)]) == 0
+    got = {(line["precision"], line["shared_prompt"]): line for line in map(json.loads, out.read_text().splitlines())}
+    assert set(got) == {(p, s) for p in ("fp32", "bf16-mixed") for s in (False, True)}
+    for shared in (False, True):
+        assert got["fp32", shared]["seq_gap_max"] < 1e-3 and got["fp32", shared]["margin_abs_max"] < 1e-4
+        # bf16: a different batch composition rounds differently, but far below any trained margin
+        bf16 = got["bf16-mixed", shared]
+        assert 0 < bf16["seq_gap_max"] < 0.5 and bf16["margin_abs_max"] < 0.05, bf16
