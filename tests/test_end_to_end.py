@@ -48,6 +48,7 @@ def test_default_run_writes_a_complete_result(first_run):
     assert [s for s, _ in train["loss_curve"]] == [1, 2, 3, 4] and train["tokens_per_s"] > 0
     assert train["reference_forwards"] == 0 and train["reference_cache"] is True, \
         "DPO reads its reference log-probs from the per-scale cache: no reference forward in the loop"
+    assert train["shared_prompt"] is True, "pairs run behind one prompt copy (sdpa attention: trainer.shared_prompt=auto)"
     hits = result["provenance"]["cache_hits"]
     assert [k for k in hits if k.startswith("reference_logps/")], "the cache entry is recorded in the provenance"
     assert result["config"]["algo"]["beta"] == 0.1 and result["provenance"]["versions"]["torch"]
@@ -185,3 +186,20 @@ def test_a_cell_locked_by_another_launch_is_not_run_twice(workdir):
         proc = launch(args, workdir, check=True)
     assert "[locked]" in proc.stdout and "not started twice" in proc.stdout
     assert not (cell / "result.json").exists()
+
+
+def test_preparation_loads_the_base_once_when_lora_and_full_fine_tuning_load_it_alike(first_run, monkeypatch, capsys):
+    """The scale's preparation job (what the Slurm launcher submits; here in process, after the first run filled the
+    cache): fp32 loads the base in the same dtype for LoRA on and off, so one load serves both."""
+    import posttrain.prepare as prepare
+    from rehearsal_assets import compose_config
+
+    loads = []
+    real = prepare.load_base
+    monkeypatch.setattr(prepare, "load_base", lambda cfg, **kw: loads.append(kw["lora"]) or real(cfg, **kw))
+    cfg = compose_config(["algo=dpo", *FAST, "+prepare={algos:[dpo],lora:[false,true]}"])
+    summary = prepare.prepare_scale(cfg)
+    assert loads == [False], "one load for both LoRA settings"
+    assert summary["lora"] == [False, True] and summary["reference_cached"] == ["pairs"]
+    assert summary["built"] == [], "the first run already built the scale's data and reference log-probs"
+    assert "[prepared] tiny-s" in capsys.readouterr().out

@@ -92,7 +92,10 @@ def prepare_scale(cfg: DictConfig) -> dict:
     precision = Precision.from_config(cfg.trainer.precision, deepspeed=deepspeed_enabled(cfg.deepspeed))
     CACHE_EVENTS.clear()
     report: dict = {}
-    for i, lora in enumerate(flags):
+    # one load per weight dtype: LoRA and full fine-tuning that load the base alike (fp32, DeepSpeed's bf16) read the
+    # same cache entries, so the second load would only find them built
+    loads = {precision.load_dtype(lora=lora): lora for lora in reversed(flags)}
+    for i, lora in enumerate(sorted(loads.values())):
         loaded = load_base(cfg, lora=lora, precision=precision, device=device)
         kernels.apply_liger(loaded.model, cfg.trainer.get("liger", "auto"))  # as the runs will compute
         if i == 0 and cfg.eval.base_scores:
