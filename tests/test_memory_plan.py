@@ -210,11 +210,11 @@ def test_checkpointing_gives_the_same_loss_and_gradients(lora):
                                                 task_type="CAUSAL_LM", init_lora_weights=False))
     plain_loss, plain_grads = _dpo_loss_and_grads(model, reference, batch)
     with mp.applied(model, mp.decide(True, None, None)):
-        layers = mp._leaf(model).model.layers
-        assert all(layer.gradient_checkpointing for layer in layers) and not mp._leaf(model).config.use_cache
+        layers = mp.hf_model(model).model.layers
+        assert all(layer.gradient_checkpointing for layer in layers) and not mp.hf_model(model).config.use_cache
         ckpt_loss, ckpt_grads = _dpo_loss_and_grads(model, reference, batch)
-    assert not any(layer.gradient_checkpointing for layer in layers) and mp._leaf(model).config.use_cache
-    assert not getattr(mp._leaf(model), "_require_grads_hooks", None)  # the model is as it was
+    assert not any(layer.gradient_checkpointing for layer in layers) and mp.hf_model(model).config.use_cache
+    assert not getattr(mp.hf_model(model), "_require_grads_hooks", None)  # the model is as it was
     assert plain_grads and plain_grads.keys() == ckpt_grads.keys()
     assert torch.allclose(plain_loss, ckpt_loss, atol=1e-6, rtol=0)
     for name, grad in plain_grads.items():

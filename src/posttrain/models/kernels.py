@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from posttrain.models.memory_plan import setting_of
+from posttrain.models.wrappers import hf_model
 
 #: HF ``config.model_type`` -> liger-kernel's instance-level function for it.
 APPLIERS = {"qwen2": "apply_liger_kernel_to_qwen2"}
@@ -58,18 +59,12 @@ def refusal(setting: Any, *, cuda: Optional[bool] = None) -> Optional[str]:
     return None
 
 
-def _leaf(model):
-    while hasattr(model, "module") and model.module is not model:  # a DeepSpeed / DDP wrapper
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-
-
 def apply_liger(model, setting: Any) -> dict:
     """Apply liger's kernels to ``model`` (a PreTrainedModel or a peft model around one) as ``setting`` says; returns
     the record for result.json's ``train.liger``: ``{setting, applied, kernels, reason}``. ``true`` where it cannot
     run raises ValueError (one line: :func:`refusal` should have caught it before loading)."""
     setting = setting_of(setting)
-    leaf = _leaf(model)
+    leaf = hf_model(model)
     record = {"setting": setting, "applied": False, "kernels": [], "reason": ""}
     if setting == "false":
         return {**record, "reason": "trainer.liger=false"}

@@ -24,6 +24,8 @@ import inspect
 import torch
 import torch.utils.checkpoint
 
+from posttrain.models.wrappers import unwrapped
+
 #: Honour a caller's completion mask with the head-only-where-needed path (``False``: the plain full-logits path,
 #: same values; bench/throughput.py's ``--logps plain`` sets it to compare the two).
 COMPLETION_ONLY = True
@@ -68,16 +70,9 @@ def _shifted_mask(completion_mask: torch.Tensor, input_ids: torch.Tensor) -> tor
                      f"input_ids, or [B, T-1] = {(b, t - 1)} already shifted")
 
 
-def _unwrapped(model):
-    """The module a wrapper's forward calls (DeepSpeed engine / DDP ``.module``, repeatedly), else ``model``."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module) and model.module is not model:
-        model = model.module
-    return model
-
-
 def _pieces(model):
     """(module whose forward the call reaches, body, head) or None when the model does not expose them."""
-    inner = _unwrapped(model)
+    inner = unwrapped(model)
     try:
         head = inner.get_output_embeddings()
         body = inner.get_decoder()

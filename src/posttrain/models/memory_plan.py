@@ -40,6 +40,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from posttrain.models.wrappers import hf_model
+
 GIB = 1024 ** 3
 MARGIN = 0.10  # fraction of the device's memory kept free
 RESERVED_GIB = 2.0  # and this much on top: CUDA context, NCCL buffers, allocator fragmentation
@@ -259,13 +261,6 @@ def sequences_per_example(algo, hparams: Mapping) -> int:
     return 1
 
 
-def _leaf(model):
-    """The HF model under peft / DeepSpeed wrappers."""
-    while hasattr(model, "module") and model.module is not model:
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def plan_run(model, cfg, algo, hparams: Mapping, *, reference_copy: bool, device=None) -> Decision:
     """The decision for one run from its composed config, the loaded (not yet engine-wrapped) model and the device.
     ``reference_copy``: a separate reference network is kept (``Reference.movable``). On several GPU ranks it is a
@@ -276,7 +271,7 @@ def plan_run(model, cfg, algo, hparams: Mapping, *, reference_copy: bool, device
     from posttrain.models.distributed import world_size
 
     setting = setting_of(cfg.trainer.get("gradient_checkpointing", "auto"))
-    leaf = _leaf(model)
+    leaf = hf_model(model)
     try:
         shape = Shape.from_config(leaf.config)
     except (AttributeError, TypeError):
@@ -309,7 +304,7 @@ def apply(model, decision: Decision) -> Callable[[], None]:
     training forwards; returns the function that restores both (call it before generation-heavy work or saving)."""
     if not decision.enabled:
         return lambda: None
-    leaf = _leaf(model)
+    leaf = hf_model(model)
     if not getattr(leaf, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(leaf).__name__} does not support gradient checkpointing: set "
                          "trainer.gradient_checkpointing=false")

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from posttrain.models.wrappers import hf_model
+
 SETTINGS = ("auto", "true", "false")
 #: Attention implementations that take an arbitrary 4-D mask (transformers returns a 4-D mask as it is:
 #: masking_utils._preprocess_mask_arguments); sdpa wants booleans (True: attend), eager an additive float mask.
@@ -42,11 +44,7 @@ CUDA_ALIGN = 16
 
 def attention_kernel(model) -> str | None:
     """The attention implementation of ``model`` (through DeepSpeed / DDP / peft wrappers), or None if unknown."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module) and model.module is not model:
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    config = getattr(model, "config", None)
+    config = getattr(hf_model(model), "config", None)
     kernel = getattr(config, "_attn_implementation", None)
     return kernel if isinstance(kernel, str) else None
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.models.wrappers import hf_model
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -105,16 +107,10 @@ def sampling_record(cfg: SamplingConfig, stops: list[int], pad_id: int | None = 
     return {"num_samples": int(cfg.num_samples), **{k: getattr(gen, k) for k in RECORDED}}
 
 
-def _leaf(model):
-    """The module whose ``generation_config`` ``generate`` reads (a PeftModel's base model)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def model_generation_defaults(model) -> dict:
     """The model's own generation config as HF ``generate`` fills unset arguments from it (its non-default fields):
     what :func:`sample` hides, and what lm-eval's HF backend lets act (Qwen2.5's repetition_penalty 1.05)."""
-    config = getattr(_leaf(model), "generation_config", None)
+    config = getattr(hf_model(model), "generation_config", None)
     if config is None:
         return {}
     return {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
@@ -125,7 +121,7 @@ def _no_model_defaults(model):
     """Hide the model's own generation config for the duration (an empty one fills nothing in)."""
     from transformers import GenerationConfig
 
-    leaf = _leaf(model)
+    leaf = hf_model(model)
     saved = getattr(leaf, "generation_config", None)
     leaf.generation_config = GenerationConfig()
     try:

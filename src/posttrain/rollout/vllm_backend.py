@@ -40,6 +40,8 @@ import importlib.util
 import os
 import tempfile
 
+from posttrain.models.wrappers import hf_model
+
 BACKENDS = ("hf", "vllm")
 GPU_MEMORY_ENV = "POSTTRAIN_VLLM_GPU_MEMORY"
 DEFAULT_GPU_MEMORY = 0.3
@@ -91,11 +93,6 @@ def engine_dtype(model, dtype=None) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
 
-def _leaf(model):
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _lora_rank(model) -> int | None:
     """The adapter's rank of a peft model (None for a plain model)."""
     config = getattr(model, "peft_config", None)
@@ -107,7 +104,7 @@ def _lora_rank(model) -> int | None:
 def model_dir(model) -> str:
     """The directory (or hub id) the model was loaded from: what the engine loads its architecture and tokenizer
     from."""
-    leaf = _leaf(model)
+    leaf = hf_model(model)
     path = getattr(leaf, "name_or_path", None) or getattr(leaf.config, "_name_or_path", None)
     if not path:
         raise ValueError("vllm needs the directory the model was loaded from, and this model names none "
@@ -143,7 +140,7 @@ def engine_kwargs(model, *, seed: int = 0, dtype=None) -> dict:
     rank = _lora_rank(model)
     kwargs = {"dtype": engine_dtype(model, dtype), "seed": int(seed), "enable_sleep_mode": True,
               "gpu_memory_utilization": float(os.environ.get(GPU_MEMORY_ENV, DEFAULT_GPU_MEMORY)),
-              "trust_remote_code": bool(getattr(_leaf(model).config, "trust_remote_code", False))}
+              "trust_remote_code": bool(getattr(hf_model(model).config, "trust_remote_code", False))}
     if rank is not None:
         kwargs.update(enable_lora=True, max_lora_rank=rank)
     return kwargs
@@ -174,7 +171,7 @@ def release() -> None:
 def named_weights(model):
     """``(name, tensor)`` of a plain model's parameters under the checkpoint's names (what vLLM's ``load_weights``
     reads; a tied output embedding comes once, as the checkpoint has it)."""
-    yield from _leaf(model).named_parameters()
+    yield from hf_model(model).named_parameters()
 
 
 def load_weights(llm, model) -> None:
