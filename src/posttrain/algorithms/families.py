@@ -38,6 +38,9 @@ class Family:
     #: trainer.group_by_length applies (offline: the same step in another split; online: the step's prompts are
     #: sampled in order, so another order would draw other samples)
     groups_by_length: bool = False
+    #: its pair forwards run chosen and rejected behind one prompt copy under trainer.shared_prompt (the pairwise
+    #: objective without WPO's full-vocabulary logits; posttrain.models.shared_prompt)
+    shares_prompt: bool = False
 
 
 def _one_update(algo, hparams, micro_batches_per_rank: int | None = None) -> int:
@@ -49,8 +52,9 @@ def _no_step_hook(algo, hparams, *, pool: list, seed: int):
 
 
 def _offline(name: str, objective: Callable, prepare: Callable = objectives.offline_batches,
-             step_hook: Callable = _no_step_hook) -> Family:
-    return Family(name, prepare, objective, _one_update, step_hook, groups_by_length=True)
+             step_hook: Callable = _no_step_hook, shares_prompt: bool = False) -> Family:
+    return Family(name, prepare, objective, _one_update, step_hook, groups_by_length=True,
+                  shares_prompt=shares_prompt)
 
 
 def _online(name: str, prepare: Callable, objective: Callable) -> Family:
@@ -59,7 +63,7 @@ def _online(name: str, prepare: Callable, objective: Callable) -> Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     _offline("supervised", objectives.supervised),
-    _offline("pairwise", objectives.pairwise),
+    _offline("pairwise", objectives.pairwise, shares_prompt=True),
     _offline("token_pairwise", objectives.token_pairwise),
     _offline("unpaired", objectives.unpaired, objectives.unpaired_batches, objectives.kto_partners),
     _online("online_policy_gradient", online.prepare_policy_gradient, online.policy_gradient_objective),

@@ -6,7 +6,8 @@ trainer (conf/trainer/default.yaml: epochs, ``trainer.max_steps``), data (conf/d
 prompt) and algorithm (the registry: family, data kind, reference need; conf/algo/*.yaml: online samples) give its
 tokens, by kind:
 
-- trained tokens (forward + backward, 6N FLOPs each): every training sequence of every epoch;
+- trained tokens (forward + backward, 6N FLOPs each): every training sequence of every epoch (a pair's prompt
+  once with ``trainer.shared_prompt``, not for WPO or TDPO: posttrain.models.shared_prompt);
 - forward-only tokens (2N): reference forwards (offline data: per run and epoch; with the shared cache once per
   scale over the self-play sequences, issue 14), KTO's no-grad anchor pass, online reference / old-policy forwards;
 - generation tokens (2N, prompt prefill + sampled tokens): self-play data (per run without the cache, once per scale
@@ -127,6 +128,7 @@ def scale_params(name: str, scale: dict, assume: Assumptions) -> float:
 
 def cell_plan(cell, conf_dir: Path, assume: Assumptions) -> CellPlan:
     """The tokens of one cell (see the module docstring)."""
+    from posttrain.algorithms import families
     from posttrain.algorithms.registry import get
     from posttrain.sweep.files import _defaults
 
@@ -164,7 +166,11 @@ def cell_plan(cell, conf_dir: Path, assume: Assumptions) -> CellPlan:
         cost.trained = sampled * iters
         cost.forward = sampled * (int(needs_ref) + int(iters * minib > 1))  # reference; old-policy log-probs
     else:
-        cost.trained = passes * examples * rows * seq
+        # pairs behind one prompt copy (trainer.shared_prompt; WPO keeps two rows): prompt + chosen + rejected
+        shared_prompt = (algo.data == "pairs" and families.of(algo).shares_prompt and not hp.get("wpo")
+                         and str(ov.get("trainer.shared_prompt", trainer.get("shared_prompt", "auto"))).lower()
+                         != "false")
+        cost.trained = passes * examples * (prompt + rows * completion if shared_prompt else rows * seq)
         if needs_ref and algo.reference_cacheable(hp):  # posttrain.algorithms.reference_cache
             ref_per_run = cost.trained
             ref_key, ref_once = (scale_name, "selfplay"), 2 * pairs * seq  # pairs and unpaired rows: same sequences
