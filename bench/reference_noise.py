@@ -33,7 +33,7 @@ from throughput_arms import append_lines  # noqa: E402
 def measure(model, tokenizer, pairs, scale, precision: str, shared: bool, beta: float) -> dict:
     from posttrain.algorithms import reference_cache
     from posttrain.data.collate import collate
-    from posttrain.models.logps import pair_token_logps
+    from posttrain.models.logps import shared_token_logps
     from posttrain.models.precision import Precision
 
     autocast = lambda: Precision.from_config(precision).autocast("cpu")  # noqa: E731
@@ -46,7 +46,8 @@ def measure(model, tokenizer, pairs, scale, precision: str, shared: bool, beta: 
         for start in range(0, len(examples), micro):
             batch = collate("pairs", tokenizer, examples[start:start + micro], max_length)
             with autocast():
-                lp = pair_token_logps(model, batch, shared_prompt=shared)
+                lp = shared_token_logps(model, batch["input_ids"], batch["attention_mask"],
+                                        batch["completion_mask"], shared_prompt=shared)
             seq = lp.sum(-1)
             n, cached = batch["pairs"], batch["ref_seq_logps"]
             gap = seq - cached

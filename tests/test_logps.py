@@ -47,6 +47,11 @@ def _pair_batch(vocab: int = 97, seed: int = 1) -> dict:
     return {**pad_rows(rows, 0, 64), "pairs": 3}
 
 
+def _shared(model, batch, shared_prompt):
+    return logps.shared_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                    shared_prompt=shared_prompt)
+
+
 def _plain(model, batch, temperature=1.0):
     mask = batch["completion_mask"][:, 1:].bool()
     lp = logps.token_logps(model, batch["input_ids"], batch["attention_mask"], temperature)
@@ -269,8 +274,8 @@ def _ds_worker(out) -> None:
     batch = _batch(seed=1 + info.rank)  # each rank its own rows
     pairs = _pair_batch(seed=1 + info.rank)
     modes = {"plain": (_plain, batch), "fast": (_fast, batch),  # chosen and rejected as two rows, then packed
-             "two_rows": (lambda m, b: logps.pair_token_logps(m, b, shared_prompt=False), pairs),
-             "shared": (lambda m, b: logps.pair_token_logps(m, b, shared_prompt=True), pairs)}
+             "two_rows": (lambda m, b: _shared(m, b, False), pairs),
+             "shared": (lambda m, b: _shared(m, b, True), pairs)}
     results = {}
     for stage in DS_STAGES:
         runs = {}

@@ -284,6 +284,15 @@ def _composed(overrides):
         return compose("config", overrides=overrides)
 
 
+def test_packed_rows_count_a_mask_twice_as_wide():
+    # trainer.shared_prompt: a packed row spans up to twice max_length, so its mask term is 2 x 2 x 3072 per token
+    s, tokens = shape("7b"), 2 * 3072
+    kw = dict(zero_stage=3, ranks=8, sequences=2, max_length=3072, completion_tokens=512)
+    rows = mp.estimate(s, mp.Setup("bf16-mixed", **kw))
+    packed = mp.estimate(s, mp.Setup("bf16-mixed", shared_prompt=True, **kw))
+    assert (packed.activations - rows.activations) * GIB == pytest.approx(28 * 2 * 3072 * tokens)
+
+
 def test_plan_run_on_cpu_reads_the_config():
     from posttrain.algorithms import registry
 

@@ -441,3 +441,25 @@ def test_launch_sgrpo_end_to_end(tmp_path):
     assert len(curve) == 4 and [s for s, _ in curve] == [1, 2, 3, 4]
     assert all(0.0 <= r <= 1.0 for _, r in curve)
     assert result["train"]["reference_forwards"] == 0
+
+
+@pytest.mark.parametrize("name,hp", [("grpo", {}), ("ppo", {}), ("online_dpo", {"num_samples": 4}),
+                                     ("grpo", {"num_iterations": 2})])
+def test_a_groups_samples_behind_one_prompt_copy_train_the_same(tok, name, hp):
+    """trainer.shared_prompt (posttrain.models.shared_prompt): a prompt's samples run as one packed row in the rollout's
+    no-grad forwards and in the updates; the same samples, losses and weights as one row each."""
+    runs, masks = {}, {}
+    for setting in ("false", "auto"):
+        model, masks[setting] = _model(tok), []
+        model.get_decoder().register_forward_pre_hook(  # the attention masks the forwards got: 4-D when packed
+            lambda m, a, k, seen=masks[setting]: seen.append(getattr(k.get("attention_mask"), "ndim", 0)),
+            with_kwargs=True)
+        runs[setting] = _run(tok, name, hp, trainer=_trainer(max_steps=2, shared_prompt=setting), model=model)
+    (two_model, two, _), (shared_model, shared, _) = runs["false"], runs["auto"]
+    assert (two.shared_prompt, shared.shared_prompt) == (False, True)
+    assert 4 not in masks["false"] and 4 in masks["auto"]
+    assert shared.reward_curve == two.reward_curve, "generation is untouched"
+    for (_, a), (_, b) in zip(two.loss_curve, shared.loss_curve):
+        assert b == pytest.approx(a, abs=1e-5)
+    for p, q in zip(two_model.parameters(), shared_model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)

@@ -1,7 +1,7 @@
-"""Chosen and rejected behind one prompt copy (posttrain.models.shared_prompt, issue 14): the packed layout by hand,
-the same log-probs and gradients as the two-row forward (sdpa and eager attention, fp32 and bf16, peft LoRA with
-adapters on and off, the plain full-logits path), the fallback for pairs whose prompts differ, the setting, and the
-training loop's losses."""
+"""Rows that share a prompt behind one copy of it (posttrain.models.shared_prompt, issue 14): a pair's chosen and
+rejected, an online group's samples. The packed layout by hand, the same log-probs and gradients as one row each (sdpa
+and eager attention, fp32 and bf16, peft LoRA with adapters on and off, the plain full-logits path), groups of several
+samples and their cut at the span limit, what is not packed, the setting, and the training loop's losses (DPO, GRPO)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from posttrain.data.collate import pad_rows
 from posttrain.models import logps, shared_prompt
-from posttrain.models.logps import pair_token_logps
+from posttrain.models.logps import shared_token_logps
 
 
 def _model(kernel: str = "sdpa", vocab: int = 97, hidden: int = 32, layers: int = 2, seed: int = 0):
@@ -38,6 +38,15 @@ def _pairs(n: int = 4, vocab: int = 97, seed: int = 1, max_length: int = 40) -> 
     return {**pad_rows(rows, 0, max_length), "pairs": n}
 
 
+def pair_token_logps(model, batch, *, shared_prompt):
+    return shared_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                              shared_prompt=shared_prompt)
+
+
+def _pack(batch, **kw):
+    return shared_prompt.pack(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kw)
+
+
 def _both(model, batch):
     return (pair_token_logps(model, batch, shared_prompt=False), pair_token_logps(model, batch, shared_prompt=True))
 
@@ -56,7 +65,7 @@ def test_packed_layout_by_hand():
     # pair 0: prompt [1 2 3 4], chosen [5 6 7], rejected [20 21]; pair 1: prompt [8 9], chosen [10..14], rejected [30]
     batch = {**pad_rows([([1, 2, 3, 4], [5, 6, 7]), ([8, 9], [10, 11, 12, 13, 14]), ([1, 2, 3, 4], [20, 21]),
                          ([8, 9], [30])], 0, 64), "pairs": 2}
-    packing = shared_prompt.pack(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 2)
+    packing = _pack(batch)
     assert packing.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 20, 21], [8, 9, 10, 11, 12, 13, 14, 30, 0]]
     assert packing.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 4, 5], [0, 1, 2, 3, 4, 5, 6, 2, 0]]
     mask = packing.attention_mask[:, 0].int().tolist()
@@ -72,8 +81,7 @@ def test_packed_layout_by_hand():
     assert packing.dest[0].tolist() == [0, 0, 0, 2, 2, 1, 1, 1, 1, 1, 3]
     assert packing.dest[1].tolist() == [3, 4, 5, 3, 4, 1, 2, 3, 4, 5, 1]
     assert packing.shape == (4, 6)
-    eager = shared_prompt.pack(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 2,
-                               kernel="eager", align=16)
+    eager = _pack(batch, kernel="eager", align=16)
     assert eager.attention_mask.dtype == torch.float32 and eager.input_ids.shape == (2, 16)  # additive, aligned
     assert eager.attention_mask[0, 0, 7, 4] == torch.finfo(torch.float32).min and eager.attention_mask[0, 0, 7, 3] == 0
 
@@ -147,15 +155,63 @@ def test_plain_full_logits_path_packs_too(monkeypatch):
     assert _forward_widths(model, lambda: pair_token_logps(model, batch, shared_prompt=True))[0][0] == 4
 
 
-def test_pairs_whose_prompts_differ_take_the_two_row_forward():
+def test_a_pair_whose_prompts_differ_runs_as_two_rows_the_others_packed():
     batch = _pairs()
     batch["input_ids"][5, 1] = (batch["input_ids"][1, 1] + 1) % 97  # pair 1's rejected prompt differs by a token
-    assert shared_prompt.pack(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 4) is None
     model = _model()
     widths = _forward_widths(model, lambda: pair_token_logps(model, batch, shared_prompt=True))
-    assert widths == [(8, 40)]
+    assert widths[0][0] == 5  # pairs 0, 2, 3 packed; pair 1's rows alone
     two, shared = _both(model, batch)
-    assert torch.equal(two, shared)
+    torch.testing.assert_close(shared, two, atol=1e-5, rtol=0)
+
+
+def test_no_shared_prompt_or_not_right_padded_is_not_packed():
+    rows = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10]), ([11], [12])]
+    batch = pad_rows(rows, 0, 64)
+    assert _pack(batch) is None  # nothing to save: the plain forward
+    model = _model()
+    assert _forward_widths(model, lambda: pair_token_logps(model, batch, shared_prompt=True)) == [(3, 5)]
+    pairs = _pairs()
+    left = {k: v.flip(-1) for k, v in pairs.items() if torch.is_tensor(v)}  # left-padded: not our layout
+    assert _pack(left) is None
+
+
+def test_an_online_group_of_samples_is_one_row_and_long_groups_are_cut():
+    rng = random.Random(3)
+    draw = lambda n: [rng.randrange(1, 97) for _ in range(n)]  # noqa: E731
+    prompts = [draw(12), draw(7)]
+    samples = [(prompts[0], draw(2 + i)) for i in range(4)] + [(prompts[1], draw(5 - i)) for i in range(3)]
+    batch = pad_rows(samples, 0, 64)  # as the rollout builds it: a prompt's samples next to each other
+    packing = _pack(batch)
+    assert packing.input_ids.shape == (2, 12 + 2 + 3 + 4 + 5)  # one row per prompt: prompt + its 4 samples
+    assert packing.position_ids[0, 12 + 2 + 3:12 + 2 + 3 + 4].tolist() == [12, 13, 14, 15]  # sample 3 at its place
+    assert _pack(batch, max_span=12 + 2 + 3 + 4).input_ids.shape[0] == 3  # the 4th sample: a second row
+    model = _model(hidden=48)
+    two, shared = (shared_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                      0.7, shared_prompt=s) for s in (False, True))
+    torch.testing.assert_close(shared, two, atol=1e-5, rtol=0)
+    # 8 samples of 10 tokens behind a 12-token prompt: 92 tokens in one row would pass twice the width (2 x 22 =
+    # 44), so the group runs as rows of at most 3 samples (12 + 30 = 42 tokens): 3, 3 and 2
+    long = pad_rows([(prompts[0], draw(10)) for _ in range(8)], 0, 64)
+    widths = _forward_widths(model, lambda: shared_token_logps(model, long["input_ids"], long["attention_mask"],
+                                                               long["completion_mask"], shared_prompt=True))
+    assert widths == [(3, 42)]
+    torch.testing.assert_close(
+        shared_token_logps(model, long["input_ids"], long["attention_mask"], long["completion_mask"],
+                           shared_prompt=True),
+        shared_token_logps(model, long["input_ids"], long["attention_mask"], long["completion_mask"],
+                           shared_prompt=False), atol=1e-5, rtol=0)
+
+
+def test_pairs_of_one_prompt_share_one_row():
+    # self-play: pairs 0 and 1 come from one prompt; chosen rows first, then rejected rows
+    batch = {**pad_rows([([1, 2, 3], [4, 5]), ([1, 2, 3], [6]), ([9, 9], [7, 7]),
+                         ([1, 2, 3], [8, 8, 8]), ([1, 2, 3], [5, 5]), ([9, 9], [6])], 0, 64), "pairs": 3}
+    packing = _pack(batch)
+    assert packing.input_ids.tolist()[0] == [1, 2, 3, 4, 5, 6, 8, 8, 8, 5, 5]  # four completions of one prompt
+    model = _model()
+    two, shared = _both(model, batch)
+    torch.testing.assert_close(shared, two, atol=1e-5, rtol=0)
 
 
 class _Kernel(torch.nn.Module):

@@ -39,7 +39,7 @@ from posttrain.algorithms.objectives import StepContext, prime_memory
 from posttrain.algorithms.reference_sync import ReferenceSync, ReferenceWeights, split_loop_options, sync_reference
 from posttrain.models.distributed import world_size
 from posttrain.models.engine import gathered, make_engine
-from posttrain.models.shared_prompt import decide as decide_shared_prompt
+from posttrain.models.shared_prompt import applies as shared_prompt_applies
 from posttrain.preemption import Preemption
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -57,7 +57,7 @@ class TrainState:
     loss_curve: list = field(default_factory=list)  # [[step, loss], ...]
     reward_curve: list = field(default_factory=list)  # [[step, mean reward], ...] (online methods)
     resumed_from: int | None = None  # the checkpoint step this run resumed from (preemption, time-out), if any
-    shared_prompt: bool = False  # pair batches ran one row per pair behind one prompt copy (trainer.shared_prompt)
+    shared_prompt: bool = False  # rows sharing a prompt ran behind one copy of it (trainer.shared_prompt)
 
 
 def plan(n_examples: int, trainer, updates_per_batch: int = 1) -> tuple[int, int]:
@@ -273,14 +273,15 @@ def _train(policy, reference, tokenizer, algo, hparams: dict, examples: list, tr
                disable=not progress or engine.rank != 0)
     annotate = family.step_hook(algo, hparams, pool=examples, seed=seed)
     grouped = bool(trainer.get("group_by_length", False)) and family.groups_by_length
-    state.shared_prompt = decide_shared_prompt(trainer.get("shared_prompt", "auto"), model)
+    state.shared_prompt = shared_prompt_applies(trainer.get("shared_prompt", "auto"), model, algo, hparams)
     for micro_batches in step_batches(examples, trainer, seed, state.batches, total_batches, engine.rank,
                                       engine.world_size, annotate, grouped):
         started, step_before = time.perf_counter(), state.step
         with engine.autocast():
             updates, rollout_stats = family.prepare(model, reference, tokenizer, algo, hparams, micro_batches,
                                                     max_length=max_length, seed=seed, step=state.batches,
-                                                    memory=memory, pool=examples, collectives=engine)
+                                                    memory=memory, pool=examples, collectives=engine,
+                                                    shared_prompt=state.shared_prompt)
         prepared = time.perf_counter() - started
         state.prepare_seconds += prepared
         rollout_stats = engine.mean_over_ranks({**rollout_stats, "seconds": prepared} if rollout_stats else {})

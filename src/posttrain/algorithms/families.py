@@ -38,9 +38,10 @@ class Family:
     #: trainer.group_by_length applies (offline: the same step in another split; online: the step's prompts are
     #: sampled in order, so another order would draw other samples)
     groups_by_length: bool = False
-    #: its pair forwards run chosen and rejected behind one prompt copy under trainer.shared_prompt (the pairwise
-    #: objective without WPO's full-vocabulary logits; posttrain.models.shared_prompt)
-    shares_prompt: bool = False
+    #: its log-prob forwards run the rows that share a prompt (a pair's chosen and rejected, a group's samples)
+    #: behind one copy of it under trainer.shared_prompt (posttrain.models.shared_prompt; the pairwise objective
+    #: keeps two rows for WPO's full-vocabulary logits); TDPO's logits and KTO's unpaired rows do not
+    shares_prompt: bool = True
 
 
 def _one_update(algo, hparams, micro_batches_per_rank: int | None = None) -> int:
@@ -52,7 +53,7 @@ def _no_step_hook(algo, hparams, *, pool: list, seed: int):
 
 
 def _offline(name: str, objective: Callable, prepare: Callable = objectives.offline_batches,
-             step_hook: Callable = _no_step_hook, shares_prompt: bool = False) -> Family:
+             step_hook: Callable = _no_step_hook, shares_prompt: bool = True) -> Family:
     return Family(name, prepare, objective, _one_update, step_hook, groups_by_length=True,
                   shares_prompt=shares_prompt)
 
@@ -63,9 +64,10 @@ def _online(name: str, prepare: Callable, objective: Callable) -> Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     _offline("supervised", objectives.supervised),
-    _offline("pairwise", objectives.pairwise, shares_prompt=True),
-    _offline("token_pairwise", objectives.token_pairwise),
-    _offline("unpaired", objectives.unpaired, objectives.unpaired_batches, objectives.kto_partners),
+    _offline("pairwise", objectives.pairwise),
+    _offline("token_pairwise", objectives.token_pairwise, shares_prompt=False),
+    _offline("unpaired", objectives.unpaired, objectives.unpaired_batches, objectives.kto_partners,
+             shares_prompt=False),
     _online("online_policy_gradient", online.prepare_policy_gradient, online.policy_gradient_objective),
     _online("online_pairwise", online.prepare_pairwise, online.pairwise_objective),
     _online("online_supervised", online.prepare_supervised, objectives.supervised),

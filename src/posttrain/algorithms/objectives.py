@@ -26,7 +26,8 @@ from posttrain.algorithms.memory import LoopMemory, RunningMean
 from posttrain.losses._common import check_hparams
 from posttrain.data.collate import collate, mismatched_partners, mismatched_rows
 from posttrain.models.engine import PROCESS_GROUP
-from posttrain.models.logps import logps_from_logits, pair_token_logps, sequence_logps, shifted_logits, token_logps
+from posttrain.models.logps import (logps_from_logits, sequence_logps, shared_token_logps, shifted_logits,
+                                   token_logps)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def _reference_logps(reference, batch: dict) -> torch.Tensor:
 def supervised(policy, reference, batch, algo, hparams, ctx):
     """SFT: token NLL over completion tokens, normalised by the accumulated step's token count."""
     mask = batch["completion_mask"][:, 1:]
-    lp = token_logps(policy, batch["input_ids"], batch["attention_mask"], completion_mask=mask)
+    lp = shared_token_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                            shared_prompt=ctx.shared_prompt)  # self-play samples of one prompt: one prompt copy
     loss = losses.token_nll(lp, mask, num_items=ctx.tokens)
     nll = -(lp * mask).sum() / mask.sum().clamp_min(1)
     return loss, {"nll": nll.item(), "logps/completion": ((lp * mask).sum(-1)).mean().item()}
@@ -102,11 +104,13 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
     wpo, ld_alpha = bool(hparams.get("wpo", False)), hparams.get("ld_alpha")
     loss_hp = {k: v for k, v in hparams.items() if k not in PAIRWISE_OPTIONS}
     mask = batch["completion_mask"][:, 1:].float()
-    if wpo:  # WPO weighs by each position's whole next-token distribution: full-vocabulary logits
+    if wpo:  # WPO weighs by each position's whole next-token distribution: full-vocabulary logits, two rows per
+        # pair (and so its in-loop reference too: the same layout, so that the first step's margin is exactly 0)
         logits = shifted_logits(policy, batch["input_ids"], batch["attention_mask"])
         token_lp = logps_from_logits(logits, batch["input_ids"])
     else:  # the LM head on completion positions only, pairs behind one prompt copy where allowed (models/logps.py)
-        token_lp = pair_token_logps(policy, batch, shared_prompt=ctx.shared_prompt)
+        token_lp = shared_token_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                      shared_prompt=ctx.shared_prompt)
     chosen, rejected = _pair_logps(token_lp, mask, n, ld_alpha)
     lengths = mask.sum(-1)
     ref_chosen = ref_rejected = None
@@ -117,7 +121,8 @@ def pairwise(policy, reference, batch, algo, hparams, ctx):
         ref_tok = batch.get("ref_token_logps")  # online pairs: computed in the rollout phase
         if ref_tok is None:
             with reference.active() as ref_model:
-                ref_tok = pair_token_logps(ref_model, batch, shared_prompt=ctx.shared_prompt)
+                ref_tok = shared_token_logps(ref_model, batch["input_ids"], batch["attention_mask"],
+                                             batch["completion_mask"], shared_prompt=ctx.shared_prompt and not wpo)
         ref_chosen, ref_rejected = _pair_logps(ref_tok, mask, n, ld_alpha)
     spec = algo.loss_spec
     loss_hp, observers = _running(spec, loss_hp, ctx.memory)
@@ -191,7 +196,7 @@ def unpaired(policy, reference, batch, algo, hparams, ctx):
 
 
 def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                    memory=None, pool=None, collectives=PROCESS_GROUP):
+                    memory=None, pool=None, collectives=PROCESS_GROUP, shared_prompt=False):
     """Offline families: tokenise each micro-batch of examples into ONE optimizer update; no rollout statistics."""
     batches = []
     for mb in micro_batches:
@@ -202,7 +207,7 @@ def offline_batches(policy, reference, tokenizer, algo, hparams, micro_batches, 
 
 
 def unpaired_batches(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                     memory=None, pool=None, collectives=PROCESS_GROUP):
+                     memory=None, pool=None, collectives=PROCESS_GROUP, shared_prompt=False):
     """The unpaired Family's ``prepare``: tokenise as ``offline_batches``, then run the step's no-grad pass where the
     loss needs a statistic of the whole step, and hand its results to every micro-batch (see ``unpaired``).
 

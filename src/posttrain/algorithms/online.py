@@ -75,7 +75,7 @@ from posttrain.algorithms.pairs import PAIR_BUILDERS
 from posttrain.data.collate import pad_rows
 from posttrain.losses.policy_gradient import policy_gradient_and_stats
 from posttrain.models.engine import PROCESS_GROUP, gathered
-from posttrain.models.logps import logps_from_logits, token_logps
+from posttrain.models.logps import logps_from_logits, shared_token_logps
 from posttrain.rollout.groups import (ScoredRollout, draw_prompts, greedy_scores, rollout_stats, sample_groups,
                                      sampling_seed)
 
@@ -150,8 +150,8 @@ def _chunks(n_rows: int, sizes: list[int]) -> list[slice]:
 
 
 @torch.no_grad()
-def _forward_logps(model, step: dict, chunks: list[slice], temperature: float,
-                   hidden: bool = False) -> tuple[torch.Tensor, list | None]:
+def _forward_logps(model, step: dict, chunks: list[slice], temperature: float, hidden: bool = False,
+                   shared_prompt: bool = False) -> tuple[torch.Tensor, list | None]:
     """No-grad per-token log-probs [N, T-1] of the step batch, one micro-batch at a time (each cut to its own
     width); with ``hidden`` also ``[(rows, width, last hidden state [n, width-1, H])]`` for PPO's value head."""
     n, width = step["input_ids"].shape
@@ -163,8 +163,9 @@ def _forward_logps(model, step: dict, chunks: list[slice], temperature: float,
         ids = step["input_ids"][rows, :w].to(device)
         attn = step["attention_mask"][rows, :w].to(device)
         if not hidden:
-            logps[rows, : w - 1] = token_logps(model, ids, attn, temperature,
-                                               completion_mask=step["completion_mask"][rows, :w]).float().cpu()
+            comp = step["completion_mask"][rows, :w].to(device)  # a group's samples: one prompt copy (as the update)
+            logps[rows, : w - 1] = shared_token_logps(model, ids, attn, comp, temperature,
+                                                      shared_prompt=shared_prompt).float().cpu()
             continue
         out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
         t = float(temperature)
@@ -175,12 +176,12 @@ def _forward_logps(model, step: dict, chunks: list[slice], temperature: float,
     return logps, states
 
 
-def _reference_logps(reference, step: dict, chunks, temperature: float) -> torch.Tensor:
+def _reference_logps(reference, step: dict, chunks, temperature: float, shared_prompt: bool = False) -> torch.Tensor:
     if not reference.enabled:
         raise ValueError("this online configuration needs reference log-probs (kl_coef or reward_kl_coef != 0) but "
                          "no reference model was built (Algorithm.needs_reference said no)")
     with reference.active() as ref_model:
-        return _forward_logps(ref_model, step, chunks, temperature)[0]
+        return _forward_logps(ref_model, step, chunks, temperature, shared_prompt=shared_prompt)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def _reference_logps(reference, step: dict, chunks, temperature: float) -> torch
 
 
 def _policy_gradient_batches(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *,
-                             max_length, seed, step, memory, pool, collectives):
+                             max_length, seed, step, memory, pool, collectives, shared_prompt):
     n = len(examples)
     first = sample_groups(policy, tokenizer, examples, list(range(n)), rc, sampling_seed(seed, step, 0))
     stats = rollout_stats(first)
@@ -224,10 +225,11 @@ def _policy_gradient_batches(policy, reference, tokenizer, algo, loss_hp, rc, ex
     critic = value_head(policy, memory, rc, seed) if estimator.needs_values else None
     states = None
     if need_old:
-        rollout.old_logps, states = _forward_logps(policy, batch, chunks, temperature, hidden=critic is not None)
+        rollout.old_logps, states = _forward_logps(policy, batch, chunks, temperature, hidden=critic is not None,
+                                                   shared_prompt=shared_prompt)
     values = predict_values(critic.head, states, mask.shape) if critic is not None else None
     if need_ref:
-        rollout.ref_logps = _reference_logps(reference, batch, chunks, temperature)
+        rollout.ref_logps = _reference_logps(reference, batch, chunks, temperature, shared_prompt)
     old_logps, ref_logps = rollout.old_logps, rollout.ref_logps
     inputs = AdvantageInputs(
         scores=rollout.scores, group_size=G, mask=mask, rc=rc, old_logps=old_logps, ref_logps=ref_logps,
@@ -262,7 +264,7 @@ def _policy_gradient_batches(policy, reference, tokenizer, algo, loss_hp, rc, ex
 
 
 def _pairwise_batches(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                      step, memory, pool, collectives):
+                      step, memory, pool, collectives, shared_prompt):
     groups = sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
                            sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
@@ -280,13 +282,13 @@ def _pairwise_batches(policy, reference, tokenizer, algo, loss_hp, rc, examples,
         mb.update(pairs=len(bucket), examples=len(bucket))
         if reference.enabled:  # here, not in the objective: with LoRA under ZeRO-3 the reference is the sharded
             # policy, and ranks with fewer pairs must not skip its forwards (the objective's logits: temperature 1)
-            mb["ref_token_logps"] = _reference_logps(reference, mb, [slice(0, len(rows))], temperature=1.0)
+            mb["ref_token_logps"] = _reference_logps(reference, mb, [slice(0, len(rows))], 1.0, shared_prompt)
         out.append(mb)
     return out, stats
 
 
 def _supervised_batches(policy, reference, tokenizer, algo, loss_hp, rc, examples, mb_size, *, max_length, seed,
-                        step, memory, pool, collectives):
+                        step, memory, pool, collectives, shared_prompt):
     groups = sample_groups(policy, tokenizer, examples, list(range(len(examples))), rc,
                            sampling_seed(seed, step, 0))
     stats = rollout_stats(groups)
@@ -310,7 +312,8 @@ def _supervised_batches(policy, reference, tokenizer, algo, loss_hp, rc, example
 
 def _rollout_phase(build):
     def prepare(policy, reference, tokenizer, algo, hparams, micro_batches, *, max_length, seed, step,
-                memory: LoopMemory | None = None, pool: list | None = None, collectives=PROCESS_GROUP):
+                memory: LoopMemory | None = None, pool: list | None = None, collectives=PROCESS_GROUP,
+                shared_prompt: bool = False):
         """The rollout phase (an online Family's ``prepare``): ``(updates, rollout_stats)`` for one batch of prompts,
         ``updates`` being ``num_iterations * num_minibatches`` lists of micro-batches (see ``schedule_updates``).
 
@@ -319,7 +322,8 @@ def _rollout_phase(build):
         ``pool`` is the whole training set, where DAPO's dynamic sampling draws its back-fill prompts. Under
         ZeRO-3 every rank gathers the policy's weights for the whole rollout phase (sampling and the no-grad
         forwards), so each rank may generate and score a different number of sequences.
-        ``collectives``: every collective of the phase goes through it (the loop's engine).
+        ``collectives``: every collective of the phase goes through it (the loop's engine). ``shared_prompt``
+        (trainer.shared_prompt): the no-grad forwards run a group's samples behind one prompt copy, as the updates.
         ``rollout_stats`` (logged as ``rollout/*``; ``reward_mean`` feeds the reward curve): reward_mean / reward_std
         (task reward over every completion sampled first), accuracy_mean, score_mean (after shaping),
         frac_zero_std_groups, completion_length_mean (tokens), truncated_frac, plus what the method adds (pairs,
@@ -334,7 +338,7 @@ def _rollout_phase(build):
             batches, stats = build(bare, reference, tokenizer, algo, loss_hp, rc, examples, mb_size,
                                    max_length=max_length, seed=seed, step=step,
                                    memory=memory if memory is not None else LoopMemory(), pool=pool,
-                                   collectives=collectives)
+                                   collectives=collectives, shared_prompt=shared_prompt)
         return schedule_updates(batches, rc), stats
 
     return prepare
@@ -363,7 +367,8 @@ def policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
     device = _device(policy)
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     mask = batch["completion_mask"][:, 1:].to(device).bool()
-    lp = token_logps(policy, ids, attn, float(rc["temperature"]), completion_mask=mask)
+    lp = shared_token_logps(policy, ids, attn, batch["completion_mask"].to(device), float(rc["temperature"]),
+                            shared_prompt=ctx.shared_prompt)
     if step_tokens:
         loss_hp["num_items"] = ctx.tokens
     ref, old = batch.get("ref_logps"), batch.get("old_logps")  # old: only with several updates per rollout

@@ -186,18 +186,19 @@ def sequence_logps(model, batch: dict, temperature: float = 1.0) -> tuple[torch.
     return lp.sum(-1), mask.float().sum(-1)
 
 
-def pair_token_logps(model, batch: dict, *, shared_prompt: bool, temperature: float = 1.0) -> torch.Tensor:
-    """:func:`token_logps` of a pair batch (2N rows, chosen first, ``batch["pairs"]`` = N) at its completion
-    positions, [2N, T-1]. With ``shared_prompt`` each pair runs as one row behind one copy of its prompt
-    (posttrain.models.shared_prompt): the same values up to rounding, a fifth fewer tokens on the study's data."""
-    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+def shared_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                       temperature: float = 1.0, *, shared_prompt: bool) -> torch.Tensor:
+    """:func:`token_logps` at the completion positions of a right-padded batch (``completion_mask`` [N, T], as
+    batch["completion_mask"]), [N, T-1]. With ``shared_prompt`` the rows that share a prompt (a pair's chosen and
+    rejected, an online group's samples) run as one row behind one copy of it (posttrain.models.shared_prompt): the
+    same values up to rounding, far fewer tokens where prompts are long."""
     packing = None
     if shared_prompt:
         from posttrain.models.shared_prompt import CUDA_ALIGN, attention_kernel, pack
-        packing = pack(ids, attention, completion, batch["pairs"], kernel=attention_kernel(model) or "sdpa",
-                       align=CUDA_ALIGN if ids.device.type == "cuda" else 1)
+        packing = pack(input_ids, attention_mask, completion_mask, kernel=attention_kernel(model) or "sdpa",
+                       align=CUDA_ALIGN if input_ids.device.type == "cuda" else 1)
     if packing is None:
-        return token_logps(model, ids, attention, temperature, completion_mask=completion[:, 1:])
+        return token_logps(model, input_ids, attention_mask, temperature, completion_mask=completion_mask[:, 1:])
     inputs = {"input_ids": packing.input_ids, "attention_mask": packing.attention_mask,
               "position_ids": packing.position_ids}
     plan = packing.source, packing.targets, packing.dest, packing.shape

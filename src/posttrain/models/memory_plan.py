@@ -19,7 +19,8 @@ otherwise, from an estimate of one rank's peak memory:
   Transformer Models", arXiv 2205.05198, section 4.1) count them, as the tensors each operation saves for its
   backward, but for Qwen2's layer (RMSNorm, RoPE, grouped-query SDPA attention: no s x s score matrix, SwiGLU)
   and for our precisions: per layer and token ``c_h * hidden + c_i * intermediate + 4 * heads`` bytes (the last
-  term SDPA's float32 log-sum-exp) plus the padding mask's ``e * seq_len`` (e: compute bytes), with (c_h, c_i) in
+  term SDPA's float32 log-sum-exp) plus the padding mask's ``e * seq_len`` (e: compute bytes; twice that where rows
+  sharing a prompt run packed, up to twice as wide), with (c_h, c_i) in
   :data:`LAYOUTS` measured with torch's saved-tensor hooks (tests/test_memory_plan.py checks them). Checkpointed,
   a layer keeps only its input (``r * hidden`` per token, r: residual-stream bytes) and one layer at a time is
   recomputed. The LM head on completion positions keeps float32 logits for the backward (4 x vocabulary bytes per
@@ -119,6 +120,7 @@ class Setup:
     sequences: int = 1  # sequences in one micro-batch forward
     max_length: int = 512
     completion_tokens: Optional[int] = None  # completion positions per sequence (None: max_length)
+    shared_prompt: bool = False  # rows sharing a prompt run packed (rows up to twice max_length: a wider mask)
     buckets: Optional[Mapping[str, float]] = None  # ZeRO bucket sizes (elements); None: ZERO_BUCKETS
 
     def layout(self) -> str:
@@ -180,8 +182,9 @@ def estimate(shape: Shape, setup: Setup, *, params: Optional[int] = None, traina
                         + float(sizes["stage3_prefetch_bucket_size"])) * elem
     lay = LAYOUTS[setup.layout()]
     seq, tokens = int(setup.max_length), int(setup.sequences) * int(setup.max_length)
+    mask_width = 2 * seq if setup.shared_prompt else seq  # a packed row spans at most twice a row (shared_prompt.py)
     per_layer = (lay["c_h"] * shape.hidden + lay["c_i"] * shape.intermediate + 4 * shape.heads
-                 + lay["compute"] * seq) * tokens
+                 + lay["compute"] * mask_width) * tokens
     outside = (lay["residual"] + 4) * shape.hidden * tokens  # embedding output, final norm (computed in float32)
     acts = shape.layers * per_layer + outside
     acts_ckpt = shape.layers * lay["residual"] * shape.hidden * tokens + per_layer + outside
@@ -268,6 +271,7 @@ def plan_run(model, cfg, algo, hparams: Mapping, *, reference_copy: bool, device
     import torch
 
     from posttrain.cell import deepspeed_on
+    from posttrain.models import shared_prompt
     from posttrain.models.distributed import world_size
 
     setting = setting_of(cfg.trainer.get("gradient_checkpointing", "auto"))
@@ -286,6 +290,8 @@ def plan_run(model, cfg, algo, hparams: Mapping, *, reference_copy: bool, device
                   reference_copy=bool(reference_copy),
                   sequences=int(cfg.trainer.micro_batch_size) * sequences_per_example(algo, hparams),
                   max_length=int(cfg.data.max_length), completion_tokens=cfg.data.get("max_new_tokens"),
+                  shared_prompt=shared_prompt.applies(cfg.trainer.get("shared_prompt", "auto"), model, algo,
+                                                      hparams),
                   buckets={k: v for k, v in zero.items() if k in ZERO_BUCKETS})
     params = sum(p.numel() for p in leaf.parameters())
     trainable = sum(p.numel() for p in leaf.parameters() if p.requires_grad)

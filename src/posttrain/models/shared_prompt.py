@@ -1,27 +1,30 @@
-"""Chosen and rejected behind one copy of their prompt (``trainer.shared_prompt``; issue 14, "Speed, per run").
+"""Rows that share a prompt behind one copy of it (``trainer.shared_prompt``; issue 14, "Speed, per run").
 
-A pair batch holds 2N rows, chosen rows first, each ``prompt + completion`` right-padded (posttrain.data.collate).
-Rows i and N+i repeat the same prompt: on the study's data the second copy is a fifth of the tokens a pair forward
-processes. Packed, pair i is one row ``prompt + chosen + rejected`` with
+A pair batch holds each prompt twice (chosen rows, then rejected rows: posttrain.data.collate); an online rollout holds
+it once per sample (``num_samples`` rows per prompt, next to each other); self-play pairs may repeat a prompt across
+pairs. On the benchmark's synthetic pairs the second copy is a fifth of the tokens; with the study's 8-shot GSM8K
+prompts (about 1,500 tokens before a completion of a few hundred) the repeated prompts are most of them. Packed, the
+rows of one prompt become one row ``prompt + completion_1 + ... + completion_k`` with
 
-- position ids ``0 .. p+c-1`` then ``p .. p+r-1``: the rejected completion sits at the positions it has in its own
-  row;
-- a block attention mask: prompt tokens attend causally within the prompt, chosen tokens to the prompt and the
-  chosen tokens before them, rejected tokens to the prompt and the rejected tokens before them (never to the chosen
-  ones); padding attends to itself only (a query with no key would give NaN).
+- each completion at the position ids it has in its own row (``p .. p+c_j-1``);
+- a block attention mask: prompt tokens attend causally within the prompt, a completion's tokens to the prompt and to
+  that completion's tokens before them, never to another completion; padding attends to itself only (a query with no
+  key would give NaN).
 
 Every completion token then sees exactly the keys, values and positions it sees in its own row, so its log-prob is
 the same number up to floating-point rounding (tests/test_shared_prompt.py: within 1e-5 in float32). The first token
-of each completion is predicted from the prompt's last position, which both completions share. Outputs come back in
-the unpacked [2N, T-1] layout, so every objective reads them unchanged.
+of every completion is predicted from the prompt's last position, which they share. The log-probs come back in the
+unpacked [N, T-1] layout, so every objective reads them unchanged. A group is cut into several packed rows where one
+would pass twice the batch's width (:func:`pack`'s ``max_span``): the packed row's attention work (its mask is dense)
+stays within four times a row's.
 
-Where the attention kernel allows: the mask is a custom 4-D mask, which transformers passes to the ``sdpa`` and
-``eager`` kernels as it is; FlashAttention-2/3 and flex attention take no such mask, so ``auto`` leaves pairs unpacked
-there, and ``true`` is refused with what to change. A pair whose two rows do not start with the same prompt ids (a
-prompt cut by ``data.max_length`` in one row only cannot happen with our collator; a hand-built batch could) is left
-unpacked: the whole micro-batch then takes the plain two-row forward. Where we differ from TRL: TRL's DPOTrainer
-concatenates chosen and rejected as two rows (``concatenated_forward``) and has no shared-prompt forward; its
-``padding_free`` packs whole rows, prompts included, twice.
+Where the model allows: the mask is a custom 4-D mask, which transformers passes to the ``sdpa`` and ``eager`` kernels
+as it is; FlashAttention-2/3 and flex attention take no such mask, and sliding-window layers would have the custom
+mask overrule their window, so ``auto`` leaves rows unpacked there and ``true`` is refused with what to change. A
+batch in which no two rows share a prompt (gold SFT, KTO's unpaired rows), or whose rows are not right-padded
+``prompt + completion``, runs as it is. Where we differ from TRL: TRL's DPOTrainer concatenates chosen and rejected as
+two rows (``concatenated_forward``) and its GRPOTrainer repeats each prompt for every generation; neither has a
+shared-prompt forward, and DPO's ``padding_free`` packs whole rows, prompts included, once per row.
 """
 
 from __future__ import annotations
@@ -49,88 +52,131 @@ def attention_kernel(model) -> str | None:
     return kernel if isinstance(kernel, str) else None
 
 
+def _obstacle(model) -> str | None:
+    """Why this model cannot run packed rows, or None."""
+    kernel = attention_kernel(model)
+    if kernel not in MASKED_KERNELS:
+        return (f"the model's attention kernel ({kernel}) takes no custom mask; use {' or '.join(MASKED_KERNELS)} "
+                "attention")
+    config = getattr(hf_model(model), "config", None)
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        # transformers hands a custom 4-D mask to sliding-window layers as it is: packed rows would see past the window
+        return "the model has sliding-window attention layers, which a custom mask would overrule"
+    return None
+
+
 def refusal(setting: Any, model) -> str | None:
     """One line saying what to change when ``trainer.shared_prompt`` cannot be honoured, else None."""
     value = str(setting).lower()
     if value not in SETTINGS:
         return f"trainer.shared_prompt={setting!r}: expected one of {', '.join(SETTINGS)}"
-    kernel = attention_kernel(model)
-    if value == "true" and kernel not in MASKED_KERNELS:
-        return (f"trainer.shared_prompt=true: the model's attention kernel ({kernel}) takes no custom mask; use "
-                f"{' or '.join(MASKED_KERNELS)} attention, or trainer.shared_prompt=auto to pack pairs only where "
-                "the kernel allows")
+    obstacle = _obstacle(model)
+    if value == "true" and obstacle is not None:
+        return (f"trainer.shared_prompt=true: {obstacle}; or set trainer.shared_prompt=auto to pack rows only where "
+                "the model allows")
     return None
 
 
 def decide(setting: Any, model) -> bool:
-    """Whether pair batches are packed: ``true`` / ``false`` as set (``true`` checked by :func:`refusal`), ``auto``
-    where the attention kernel takes a custom mask."""
+    """Whether rows that share a prompt are packed: ``true`` / ``false`` as set (``true`` checked by
+    :func:`refusal`), ``auto`` where the attention kernel takes a custom mask and no layer is sliding-window."""
     problem = refusal(setting, model)
     if problem is not None:
         raise ValueError(problem)
     value = str(setting).lower()
-    return value == "true" or (value == "auto" and attention_kernel(model) in MASKED_KERNELS)
+    return value == "true" or (value == "auto" and _obstacle(model) is None)
+
+
+def applies(setting: Any, model, algo, hparams) -> bool:
+    """Whether a run of ``algo`` packs its rows: :func:`decide`, for a family whose forwards can (``shares_prompt``:
+    not TDPO's logits or KTO's unpaired rows) and not WPO (full-vocabulary logits, two rows)."""
+    from posttrain.algorithms.families import of
+
+    return decide(setting, model) and of(algo).shares_prompt and not (hparams or {}).get("wpo")
 
 
 @dataclass(frozen=True)
 class Packing:
-    """A pair batch packed one row per pair, and where each unpacked log-prob position comes from."""
-    input_ids: torch.Tensor       # [N, L]
-    attention_mask: torch.Tensor  # [N, 1, L, L]: bool (True: attend) or additive float
-    position_ids: torch.Tensor    # [N, L]
-    source: tuple[torch.Tensor, torch.Tensor]  # (pair, packed position) whose hidden state predicts ...
+    """A batch packed one row per prompt group, and where each unpacked log-prob position comes from."""
+    input_ids: torch.Tensor       # [G, L]
+    attention_mask: torch.Tensor  # [G, 1, L, L]: bool (True: attend) or additive float
+    position_ids: torch.Tensor    # [G, L]
+    source: tuple[torch.Tensor, torch.Tensor]  # (packed row, position) whose hidden state predicts ...
     targets: torch.Tensor         # ... this token id
-    dest: tuple[torch.Tensor, torch.Tensor]    # (row, column) in the unpacked [2N, T-1] log-probs
-    shape: tuple[int, int]        # [2N, T-1]
+    dest: tuple[torch.Tensor, torch.Tensor]    # (row, column) in the unpacked [N, T-1] log-probs
+    shape: tuple[int, int]        # [N, T-1]
 
 
-def _lengths(batch_ids: torch.Tensor, attention: torch.Tensor, completion: torch.Tensor) -> tuple[list, list]:
-    """Per row: (prompt length, completion length) of a right-padded row (completion follows the prompt)."""
-    total = attention.sum(-1).tolist()
-    comp = completion.sum(-1).tolist()
-    return [int(t - c) for t, c in zip(total, comp)], [int(c) for c in comp]
-
-
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, pairs: int, *,
-         kernel: str = "sdpa", align: int = 1) -> Packing | None:
-    """Pack the pair batch (rows i and ``pairs`` + i) one row per pair; None if some pair's prompts differ."""
-    n = int(pairs)
-    rows, width = input_ids.shape
-    if rows != 2 * n or n == 0:
+def _lengths(attention: torch.Tensor, completion: torch.Tensor) -> tuple[list, list] | None:
+    """Per row: (prompt length, completion length), or None unless every row is ``prompt + completion`` then right
+    padding (what posttrain.data.collate builds; a left-padded or holed row is not packed)."""
+    total, comp = attention.sum(-1), completion.sum(-1)
+    positions = torch.arange(attention.shape[1])
+    expected_attention = positions < total[:, None]
+    expected_completion = expected_attention & (positions >= (total - comp)[:, None])
+    if not (torch.equal(attention.bool(), expected_attention) and torch.equal(completion.bool(), expected_completion)):
         return None
-    ids, attn, comp = input_ids.cpu(), attention_mask.cpu(), completion_mask.cpu()
-    prompt, completion = _lengths(ids, attn, comp)
-    for i in range(n):
-        if prompt[i] != prompt[n + i] or not torch.equal(ids[i, :prompt[i]], ids[n + i, :prompt[i]]):
-            return None
-    spans = [prompt[i] + completion[i] + completion[n + i] for i in range(n)]
+    return (total - comp).tolist(), comp.tolist()
+
+
+def prompt_groups(ids: torch.Tensor, prompt: list, completion: list, max_span: int) -> list[list[int]]:
+    """Rows with the same prompt ids, in order of first appearance; a group is cut where its packed row (prompt +
+    every completion) would pass ``max_span`` tokens."""
+    by_prompt: dict[tuple, list[list[int]]] = {}
+    for row, p in enumerate(prompt):
+        chunks = by_prompt.setdefault((p, tuple(ids[row, :p].tolist())), [[]])
+        span = p + sum(completion[r] for r in chunks[-1]) + completion[row]
+        if chunks[-1] and span > max_span:
+            chunks.append([])
+        chunks[-1].append(row)
+    return [group for chunks in by_prompt.values() for group in chunks]
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, *,
+         kernel: str = "sdpa", align: int = 1, max_span: int | None = None) -> Packing | None:
+    """Pack the rows that share a prompt one packed row per group, ``prompt + completion_1 + ... + completion_k``
+    (at most ``max_span`` tokens, default twice the batch's width: for pairs, always the whole pair); None when no
+    two rows share a prompt (nothing to save) or a row is not right-padded ``prompt + completion``."""
+    rows, width = input_ids.shape
+    ids = input_ids.cpu()
+    lengths = _lengths(attention_mask.cpu(), completion_mask.cpu())
+    if lengths is None or rows < 2:
+        return None
+    prompt, completion = lengths
+    groups = prompt_groups(ids, prompt, completion, max_span or 2 * width)
+    if len(groups) == rows:
+        return None
+    spans = [prompt[g[0]] + sum(completion[r] for r in g) for g in groups]
     length = -(-max(spans) // align) * align
+    n = len(groups)
     packed = torch.zeros((n, length), dtype=torch.long)  # padding: token 0, attending to itself only
     positions = torch.zeros((n, length), dtype=torch.long)
     allowed = torch.zeros((n, length, length), dtype=torch.bool)
     causal = torch.ones((length, length), dtype=torch.bool).tril()
     source, targets, dest = ([], []), [], ([], [])
-    for i in range(n):
-        p, c, r = prompt[i], completion[i], completion[n + i]
-        end = p + c + r
-        packed[i, :p + c] = ids[i, :p + c]
-        packed[i, p + c:end] = ids[n + i, p:p + r]
-        positions[i, :p + c] = torch.arange(p + c)
-        positions[i, p + c:end] = torch.arange(p, p + r)
-        allowed[i, :p + c, :p + c] = causal[:p + c, :p + c]
-        allowed[i, p + c:end, :p] = True
-        allowed[i, p + c:end, p + c:end] = causal[:r, :r]
-        allowed[i, torch.arange(end, length), torch.arange(end, length)] = True
-        # unpacked column t predicts token t+1. Chosen: t in [p-1, p+c-1), packed in place.
-        chosen = torch.arange(max(p - 1, 0), p + c - 1)
-        # Rejected: t in [p-1, p+r-1); its first token is predicted from the prompt's last position (shared),
-        # token t+1 for t >= p from t's packed place t + c.
-        rejected = torch.arange(max(p - 1, 0), p + r - 1)
-        from_rejected = torch.where(rejected >= p, rejected + c, rejected)
-        for row, cols, places in ((i, chosen, chosen), (n + i, rejected, from_rejected)):
-            source[0].append(torch.full_like(cols, i)), source[1].append(places)
+    for k, group in enumerate(groups):
+        p = prompt[group[0]]
+        packed[k, :p] = ids[group[0], :p]
+        positions[k, :p] = torch.arange(p)
+        allowed[k, :p, :p] = causal[:p, :p]
+        offset = p
+        for row in group:
+            c = completion[row]
+            block = slice(offset, offset + c)
+            packed[k, block] = ids[row, p:p + c]
+            positions[k, block] = torch.arange(p, p + c)
+            allowed[k, block, :p] = True  # the prompt, and the completion's own tokens before it
+            allowed[k, block, block] = causal[:c, :c]
+            # unpacked column t (p-1 <= t < p+c-1) predicts token t+1: the prompt's last position predicts every
+            # completion's first token (shared), token t+1 for t >= p comes from t's packed place
+            cols = torch.arange(max(p - 1, 0), p + c - 1)
+            source[0].append(torch.full_like(cols, k))
+            source[1].append(torch.where(cols >= p, cols - p + offset, cols))
             dest[0].append(torch.full_like(cols, row)), dest[1].append(cols)
             targets.append(ids[row, cols + 1])
+            offset += c
+        pad = torch.arange(offset, length)
+        allowed[k, pad, pad] = True
     if kernel == "eager":
         mask = torch.zeros((n, 1, length, length), dtype=torch.float32)
         mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(torch.float32).min)
