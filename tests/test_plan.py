@@ -117,3 +117,13 @@ def test_bad_input_is_one_line(argv, message):
     with pytest.raises(SystemExit) as exc:
         plan.main(argv)
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_online_groups_samples_share_their_prompt_copy():
+    on, off = (plan.cell_plan(c, files.default_conf_dir(), ASSUME) for c in
+               files.grid(["algo=grpo", "scale=tiny-s"]) + files.grid(["algo=grpo", "scale=tiny-s",
+                                                                         "trainer.shared_prompt=false"]))
+    # 512 prompts x 3 epochs x 4 samples; a packed row holds up to (2 x 150 - 100) // 50 = 4 samples: one prompt copy
+    assert on.cost.trained == 3 * 512 * (100 + 4 * 50) == 460_800
+    assert off.cost.trained == 3 * 512 * 4 * 150 == 921_600
+    assert on.cost.generated_online == off.cost.generated_online  # generation is untouched

@@ -6,8 +6,9 @@ trainer (conf/trainer/default.yaml: epochs, ``trainer.max_steps``), data (conf/d
 prompt) and algorithm (the registry: family, data kind, reference need; conf/algo/*.yaml: online samples) give its
 tokens, by kind:
 
-- trained tokens (forward + backward, 6N FLOPs each): every training sequence of every epoch (a pair's prompt
-  once with ``trainer.shared_prompt``, not for WPO or TDPO: posttrain.models.shared_prompt);
+- trained tokens (forward + backward, 6N FLOPs each): every training sequence of every epoch (a pair's prompt,
+  and an online group's, once per packed row with ``trainer.shared_prompt``; not for WPO, TDPO or KTO:
+  posttrain.models.shared_prompt);
 - forward-only tokens (2N): reference forwards (offline data: per run and epoch; with the shared cache once per
   scale over the self-play sequences, issue 14), KTO's no-grad anchor pass, online reference / old-policy forwards;
 - generation tokens (2N, prompt prefill + sampled tokens): self-play data (per run without the cache, once per scale
@@ -157,20 +158,22 @@ def cell_plan(cell, conf_dir: Path, assume: Assumptions) -> CellPlan:
                       "gold": (prompts if assume.gold_prompts else pairs, 1), "prompts": (prompts, 1)}[algo.data]
     passes = epochs if max_steps is None else min(epochs, max_steps * batch / max(examples, 1))
     cost, ref_per_run, ref_key, ref_once = Cost(), 0.0, None, 0.0
+    packs = (families.of(algo).shares_prompt and not hp.get("wpo")
+             and str(ov.get("trainer.shared_prompt", trainer.get("shared_prompt", "auto"))).lower() != "false")
     if algo.data == "prompts":  # online: the family generates its own samples from prompts
         samples = _int(ov.get("algo.num_samples", algo_yaml.get("num_samples")), 4)
         iters = _int(ov.get("algo.num_iterations", algo_yaml.get("num_iterations")), 1)
         minib = _int(ov.get("algo.num_minibatches", algo_yaml.get("num_minibatches")), 1)
-        sampled = passes * examples * samples * seq
+        per_row = max(1, (2 * seq - prompt) // max(completion, 1))  # samples behind one prompt copy (twice a row)
+        sampled = passes * examples * (math.ceil(samples / per_row) * prompt + samples * completion if packs
+                                       else samples * seq)
         cost.generated_online = passes * examples * (prompt + samples * completion)
         cost.trained = sampled * iters
         cost.forward = sampled * (int(needs_ref) + int(iters * minib > 1))  # reference; old-policy log-probs
     else:
         # pairs behind one prompt copy (trainer.shared_prompt; WPO keeps two rows): prompt + chosen + rejected
-        shared_prompt = (algo.data == "pairs" and families.of(algo).shares_prompt and not hp.get("wpo")
-                         and str(ov.get("trainer.shared_prompt", trainer.get("shared_prompt", "auto"))).lower()
-                         != "false")
-        cost.trained = passes * examples * (prompt + rows * completion if shared_prompt else rows * seq)
+        cost.trained = passes * examples * (prompt + rows * completion if packs and algo.data == "pairs"
+                                            else rows * seq)
         if needs_ref and algo.reference_cacheable(hp):  # posttrain.algorithms.reference_cache
             ref_per_run = cost.trained
             ref_key, ref_once = (scale_name, "selfplay"), 2 * pairs * seq  # pairs and unpaired rows: same sequences
