@@ -174,6 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--same-seeds", action=argparse.BooleanOptionalAction, default=True,
                         help="seed TRL's sampling of rollout k as posttrain's sampler seeds it (same samples)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared-prompt", choices=("auto", "false"), default="auto",
+                        help="trainer.shared_prompt for the posttrain arm (auto: a prompt's samples run as one row "
+                             "behind one prompt copy in the log-prob forwards, as the loop does)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--note", default="", help="free text stored with each line (how it was run)")
     args = parser.parse_args(argv)
@@ -190,6 +193,7 @@ def main(argv=None) -> int:
     scale, device, cuda = SCALES[args.scale], torch.device(args.device), args.device == "cuda"
     total = args.warmup + args.steps + 1
     cfg = compose(scale, total, args.seed)
+    cfg.trainer.shared_prompt = args.shared_prompt
     from omegaconf import OmegaConf
 
     hparams = {k: v for k, v in OmegaConf.to_container(cfg.algo, resolve=True).items() if k != "name"}
@@ -232,7 +236,7 @@ def main(argv=None) -> int:
         "beta": hparams["kl_coef"], "loss_type": hparams["loss_type"], "same_seeds": args.same_seeds,
         "threads": args.threads, "seconds_measure": "thread CPU time" if not cuda else "wall time (synchronised)",
         "cmd": " ".join(["python", "bench/grpo_throughput.py", *(sys.argv[1:] if argv is None else argv)]),
-        "note": args.note,
+        "note": args.note, "shared_prompt": args.shared_prompt,
     }
     reward = next(iter(hparams["rewards"]))
     samples = "seeded alike per rollout (--same-seeds)" if args.same_seeds else "independently seeded"
