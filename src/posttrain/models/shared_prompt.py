@@ -149,24 +149,22 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask:
     spans = [prompt[g[0]] + sum(completion[r] for r in g) for g in groups]
     length = -(-max(spans) // align) * align
     n = len(groups)
-    packed = torch.zeros((n, length), dtype=torch.long)  # padding: token 0, attending to itself only
+    packed = torch.zeros((n, length), dtype=torch.long)  # padding: token 0
     positions = torch.zeros((n, length), dtype=torch.long)
-    allowed = torch.zeros((n, length, length), dtype=torch.bool)
-    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    segments = torch.full((n, length), -1, dtype=torch.long)  # 0: the prompt, j: completion j, -1: padding
     source, targets, dest = ([], []), [], ([], [])
     for k, group in enumerate(groups):
         p = prompt[group[0]]
         packed[k, :p] = ids[group[0], :p]
         positions[k, :p] = torch.arange(p)
-        allowed[k, :p, :p] = causal[:p, :p]
+        segments[k, :p] = 0
         offset = p
-        for row in group:
+        for j, row in enumerate(group, start=1):
             c = completion[row]
             block = slice(offset, offset + c)
             packed[k, block] = ids[row, p:p + c]
             positions[k, block] = torch.arange(p, p + c)
-            allowed[k, block, :p] = True  # the prompt, and the completion's own tokens before it
-            allowed[k, block, block] = causal[:c, :c]
+            segments[k, block] = j
             # unpacked column t (p-1 <= t < p+c-1) predicts token t+1: the prompt's last position predicts every
             # completion's first token (shared), token t+1 for t >= p comes from t's packed place
             cols = torch.arange(max(p - 1, 0), p + c - 1)
@@ -175,14 +173,23 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask:
             dest[0].append(torch.full_like(cols, row)), dest[1].append(cols)
             targets.append(ids[row, cols + 1])
             offset += c
-        pad = torch.arange(offset, length)
-        allowed[k, pad, pad] = True
-    if kernel == "eager":
-        mask = torch.zeros((n, 1, length, length), dtype=torch.float32)
-        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(torch.float32).min)
-    else:
-        mask = allowed.unsqueeze(1)
     device = input_ids.device
     cat = lambda parts: torch.cat(parts).to(device)  # noqa: E731
-    return Packing(packed.to(device), mask.to(device), positions.to(device), (cat(source[0]), cat(source[1])),
-                   cat(targets), (cat(dest[0]), cat(dest[1])), (rows, width - 1))
+    return Packing(packed.to(device), block_mask(segments.to(device), kernel), positions.to(device),
+                   (cat(source[0]), cat(source[1])), cat(targets), (cat(dest[0]), cat(dest[1])), (rows, width - 1))
+
+
+def block_mask(segments: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+    """The [G, 1, L, L] attention mask of packed rows from their segment ids [G, L] (0: the prompt, j > 0: completion
+    j, -1: padding), built where the segments are (the device): a query attends to the keys at or before it in the
+    prompt or in its own segment -- the prompt causally, a completion to the prompt and its own earlier tokens,
+    padding to earlier padding (never an empty row). Booleans (True: attend) for sdpa, additive float32 for eager."""
+    length = segments.shape[1]
+    at_or_before = torch.ones((length, length), dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    seen = ((key == 0) & (query >= 0)) | (key == query)  # [G, query, key]
+    allowed = (seen & at_or_before).unsqueeze(1)
+    if kernel != "eager":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=segments.device).masked_fill_(
+        ~allowed, torch.finfo(torch.float32).min)
