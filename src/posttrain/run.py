@@ -232,7 +232,7 @@ def train_record(state) -> dict:
         "prepare_seconds": round(state.prepare_seconds, 3),  # online: the rollout phases (generation and scoring)
         "final_loss": state.loss_curve[-1][1] if state.loss_curve else None, "loss_curve": state.loss_curve,
         "reward_curve": state.reward_curve, "resumed_from": state.resumed_from,
-        "shared_prompt": state.shared_prompt}  # pair batches packed behind one prompt copy (models/shared_prompt.py)
+        "shared_prompt": state.shared_prompt}  # rows sharing a prompt packed behind one copy (models/shared_prompt.py)
 
 
 def summary_line(result: dict, cell_dir: Path) -> str:

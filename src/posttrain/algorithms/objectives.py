@@ -35,7 +35,7 @@ class StepContext:
     examples: int  # examples in the whole accumulated optimizer step (over all ranks)
     tokens: int  # completion tokens in the whole accumulated optimizer step (over all ranks)
     memory: LoopMemory | None = None  # state carried across steps (running statistics, PPO's value head)
-    shared_prompt: bool = False  # pair batches: one row per pair behind one prompt copy (models/shared_prompt.py)
+    shared_prompt: bool = False  # rows sharing a prompt run behind one copy of it (models/shared_prompt.py)
 
 
 def _running(spec, hparams: dict, memory: LoopMemory | None) -> tuple[dict, list]:

@@ -75,7 +75,7 @@ from posttrain.algorithms.pairs import PAIR_BUILDERS
 from posttrain.data.collate import pad_rows
 from posttrain.losses.policy_gradient import policy_gradient_and_stats
 from posttrain.models.engine import PROCESS_GROUP, gathered
-from posttrain.models.logps import logps_from_logits, shared_token_logps
+from posttrain.models.logps import logps_and_hidden, shared_token_logps
 from posttrain.rollout.groups import (ScoredRollout, draw_prompts, greedy_scores, rollout_stats, sample_groups,
                                      sampling_seed)
 
@@ -162,17 +162,14 @@ def _forward_logps(model, step: dict, chunks: list[slice], temperature: float, h
         w = int(step["attention_mask"][rows].sum(-1).max())
         ids = step["input_ids"][rows, :w].to(device)
         attn = step["attention_mask"][rows, :w].to(device)
+        comp = step["completion_mask"][rows, :w].to(device)  # a group's samples: one prompt copy (as the update)
         if not hidden:
-            comp = step["completion_mask"][rows, :w].to(device)  # a group's samples: one prompt copy (as the update)
             logps[rows, : w - 1] = shared_token_logps(model, ids, attn, comp, temperature,
                                                       shared_prompt=shared_prompt).float().cpu()
             continue
-        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-        t = float(temperature)
-        logits = out.logits[:, :-1].float()
-        lp = logps_from_logits(logits / t if t > 0 and t != 1.0 else logits, ids)
+        lp, last_hidden = logps_and_hidden(model, ids, attn, comp, temperature, shared_prompt=shared_prompt)
         logps[rows, : w - 1] = lp.cpu()
-        states.append((rows, w, out.hidden_states[-1][:, :-1].float().detach()))
+        states.append((rows, w, last_hidden.detach()))
     return logps, states
 
 
@@ -246,6 +243,7 @@ def _policy_gradient_batches(policy, reference, tokenizer, algo, loss_hp, rc, ex
     per_token = advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(mask)
     stats["advantage_abs_mean"] = float(per_token[mask].abs().mean()) if mask.any() else 0.0
 
+    rollout_completion = batch["completion_mask"].clone()
     if rc["mask_truncated"]:  # DAPO overlong filtering: truncated completions leave the loss (and ctx.tokens)
         batch["completion_mask"][rollout.truncated] = 0
 
@@ -253,6 +251,9 @@ def _policy_gradient_batches(policy, reference, tokenizer, algo, loss_hp, rc, ex
     for rows_ in chunks:
         w = int(batch["attention_mask"][rows_].sum(-1).max())
         mb = {key: batch[key][rows_, :w] for key in ("input_ids", "attention_mask", "completion_mask")}
+        # the rows as the old / reference passes saw them (before the overlong filter): the update packs rows that
+        # share a prompt the same way, so its log-probs match theirs to the bit
+        mb["rollout_completion_mask"] = rollout_completion[rows_, :w]
         mb["advantages"] = advantages[rows_] if advantages.dim() == 1 else advantages[rows_, : w - 1]
         if ref_logps is not None:
             mb["ref_logps"] = ref_logps[rows_, : w - 1]
@@ -356,7 +357,7 @@ prepare_supervised = _rollout_phase(_supervised_batches)
 def policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
     """The ``online_policy_gradient`` objective on one micro-batch from its rollout phase.
 
-    Per-token log-probs (``token_logps``; logits / temperature when it is not 1), then
+    Per-token log-probs (``shared_token_logps``; logits / temperature when it is not 1), then
     ``policy_gradient(algo.loss, logps, old_logps, advantages, mask, ref_logps, **loss hparams)`` (``old_logps``
     None, ratio exactly 1, with one update per rollout: see the module docstring), logging pg/clip_frac,
     pg/ratio_mean, pg/kl_ref (with a reference), pg/advantage_mean, entropy (sampled-token estimate) and
@@ -367,8 +368,8 @@ def policy_gradient_objective(policy, reference, batch, algo, hparams, ctx):
     device = _device(policy)
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     mask = batch["completion_mask"][:, 1:].to(device).bool()
-    lp = shared_token_logps(policy, ids, attn, batch["completion_mask"].to(device), float(rc["temperature"]),
-                            shared_prompt=ctx.shared_prompt)
+    layout = batch.get("rollout_completion_mask", batch["completion_mask"]).to(device)  # as the rollout's passes
+    lp = shared_token_logps(policy, ids, attn, layout, float(rc["temperature"]), shared_prompt=ctx.shared_prompt)
     if step_tokens:
         loss_hp["num_items"] = ctx.tokens
     ref, old = batch.get("ref_logps"), batch.get("old_logps")  # old: only with several updates per rollout

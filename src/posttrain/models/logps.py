@@ -186,26 +186,52 @@ def sequence_logps(model, batch: dict, temperature: float = 1.0) -> tuple[torch.
     return lp.sum(-1), mask.float().sum(-1)
 
 
+def _packing(model, input_ids, attention_mask, completion_mask):
+    from posttrain.models.shared_prompt import CUDA_ALIGN, attention_kernel, pack
+    return pack(input_ids, attention_mask, completion_mask, kernel=attention_kernel(model) or "sdpa",
+                align=CUDA_ALIGN if input_ids.device.type == "cuda" else 1)
+
+
+def _packed_inputs(packing) -> dict:
+    return {"input_ids": packing.input_ids, "attention_mask": packing.attention_mask,
+            "position_ids": packing.position_ids}
+
+
+def _unpacked(packing, values: torch.Tensor) -> torch.Tensor:
+    """Per-position ``values`` ([M] or [M, H], at the plan's places) back in the unpacked [N, T-1(, H)] layout."""
+    out = torch.zeros((*packing.shape, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_put(packing.dest, values)
+
+
 def shared_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
                        temperature: float = 1.0, *, shared_prompt: bool) -> torch.Tensor:
     """:func:`token_logps` at the completion positions of a right-padded batch (``completion_mask`` [N, T], as
     batch["completion_mask"]), [N, T-1]. With ``shared_prompt`` the rows that share a prompt (a pair's chosen and
     rejected, an online group's samples) run as one row behind one copy of it (posttrain.models.shared_prompt): the
     same values up to rounding, far fewer tokens where prompts are long."""
-    packing = None
-    if shared_prompt:
-        from posttrain.models.shared_prompt import CUDA_ALIGN, attention_kernel, pack
-        packing = pack(input_ids, attention_mask, completion_mask, kernel=attention_kernel(model) or "sdpa",
-                       align=CUDA_ALIGN if input_ids.device.type == "cuda" else 1)
+    packing = _packing(model, input_ids, attention_mask, completion_mask) if shared_prompt else None
     if packing is None:
         return token_logps(model, input_ids, attention_mask, temperature, completion_mask=completion_mask[:, 1:])
-    inputs = {"input_ids": packing.input_ids, "attention_mask": packing.attention_mask,
-              "position_ids": packing.position_ids}
     plan = packing.source, packing.targets, packing.dest, packing.shape
     pieces = _head_pieces(model)
-    out = None if pieces is None else _completion_logps(model, pieces, inputs, plan, temperature)
+    out = None if pieces is None else _completion_logps(model, pieces, _packed_inputs(packing), plan, temperature)
     if torch.is_tensor(out):
         return out
-    logits = model(**inputs).logits  # the plain path: full logits of the packed rows, picked at the plan's places
-    values = _chunk_logps(lambda x: x, logits[packing.source], packing.targets, temperature)
-    return torch.zeros(packing.shape, dtype=torch.float32, device=values.device).index_put(packing.dest, values)
+    logits = model(**_packed_inputs(packing)).logits  # the plain path: full logits of the packed rows, at the plan
+    return _unpacked(packing, _chunk_logps(lambda x: x, logits[packing.source], packing.targets, temperature))
+
+
+def logps_and_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                     temperature: float = 1.0, *, shared_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs [N, T-1] and the last hidden states [N, T-1, H] (float32) of one full-logits forward, for PPO's
+    value head. Unpacked: every position. With ``shared_prompt`` (packed as :func:`shared_token_logps`, so the old
+    log-probs match the updates' layout): the completion positions, 0 elsewhere (the value head and the loss read
+    only those)."""
+    packing = _packing(model, input_ids, attention_mask, completion_mask) if shared_prompt else None
+    if packing is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        lp = logps_from_logits(_scaled(out.logits[:, :-1].float(), temperature), input_ids)
+        return lp, out.hidden_states[-1][:, :-1].float()
+    out = model(**_packed_inputs(packing), output_hidden_states=True)
+    lp = _chunk_logps(lambda x: x, out.logits[packing.source], packing.targets, temperature)
+    return _unpacked(packing, lp), _unpacked(packing, out.hidden_states[-1][packing.source].float())

@@ -121,9 +121,12 @@ def _lengths(attention: torch.Tensor, completion: torch.Tensor) -> tuple[list, l
 
 def prompt_groups(ids: torch.Tensor, prompt: list, completion: list, max_span: int) -> list[list[int]]:
     """Rows with the same prompt ids, in order of first appearance; a group is cut where its packed row (prompt +
-    every completion) would pass ``max_span`` tokens."""
+    every completion) would pass ``max_span`` tokens. Rows without a completion token (nothing to compute: DAPO's
+    overlong filter zeroes a row's completion mask) are left out."""
     by_prompt: dict[tuple, list[list[int]]] = {}
     for row, p in enumerate(prompt):
+        if completion[row] == 0:
+            continue
         chunks = by_prompt.setdefault((p, tuple(ids[row, :p].tolist())), [[]])
         span = p + sum(completion[r] for r in chunks[-1]) + completion[row]
         if chunks[-1] and span > max_span:
@@ -144,7 +147,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask:
         return None
     prompt, completion = lengths
     groups = prompt_groups(ids, prompt, completion, max_span or 2 * width)
-    if len(groups) == rows:
+    if all(len(group) == 1 for group in groups):  # no two rows to put behind one prompt (or no row to compute)
         return None
     spans = [prompt[g[0]] + sum(completion[r] for r in g) for g in groups]
     length = -(-max(spans) // align) * align
