@@ -50,7 +50,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     batches: int = 0  # batches of examples done (online: rollouts; each gives one or more optimizer steps)
     examples: int = 0
-    tokens: int = 0  # tokens through the policy's forward passes (prompt + completion, no padding)
+    tokens: int = 0  # tokens of the rows trained on (prompt + completion, no padding; a prompt that packed rows share
+    # counts once per row, as in bench/throughput.py, so tokens_per_s compares with and without trainer.shared_prompt)
     seconds: float = 0.0
     prepare_seconds: float = 0.0  # of ``seconds``, in the family's prepare (online: the rollout phase -- generation,
     # scoring, old/reference log-probs; offline: tokenising), the rest in the optimizer updates
