@@ -53,9 +53,15 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits / t if t > 0 and t != 1.0 else logits
 
 
+def _picked_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Float32 log-softmax of ``logits`` [..., V] (divided by ``temperature``) picked at ``targets`` [...]."""
+    logits = _scaled(logits.float(), temperature)
+    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary log-softmax picked at the next tokens: [B, T-1, V] logits -> [B, T-1] log-probs."""
-    return torch.gather(logits, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _picked_logps(logits, input_ids[:, 1:])
 
 
 def _shifted_mask(completion_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -94,8 +100,7 @@ def _pieces(model):
 
 
 def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = _scaled(head(hidden).float(), temperature)
-    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _picked_logps(head(hidden), targets, temperature)
 
 
 def _partitioned(module) -> bool:
@@ -218,7 +223,7 @@ def shared_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     if torch.is_tensor(out):
         return out
     logits = model(**_packed_inputs(packing)).logits  # the plain path: full logits of the packed rows, at the plan
-    return _unpacked(packing, _chunk_logps(lambda x: x, logits[packing.source], packing.targets, temperature))
+    return _unpacked(packing, _picked_logps(logits[packing.source], packing.targets, temperature))
 
 
 def logps_and_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
@@ -230,8 +235,8 @@ def logps_and_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     packing = _packing(model, input_ids, attention_mask, completion_mask) if shared_prompt else None
     if packing is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        lp = logps_from_logits(_scaled(out.logits[:, :-1].float(), temperature), input_ids)
+        lp = _picked_logps(out.logits[:, :-1], input_ids[:, 1:], temperature)
         return lp, out.hidden_states[-1][:, :-1].float()
     out = model(**_packed_inputs(packing), output_hidden_states=True)
-    lp = _chunk_logps(lambda x: x, out.logits[packing.source], packing.targets, temperature)
+    lp = _picked_logps(out.logits[packing.source], packing.targets, temperature)
     return _unpacked(packing, lp), _unpacked(packing, out.hidden_states[-1][packing.source].float())
