@@ -243,17 +243,18 @@ def _policy_gradient_batches(policy, reference, tokenizer, algo, loss_hp, rc, ex
     per_token = advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(mask)
     stats["advantage_abs_mean"] = float(per_token[mask].abs().mean()) if mask.any() else 0.0
 
-    rollout_completion = batch["completion_mask"].clone()
+    rollout_completion = None
     if rc["mask_truncated"]:  # DAPO overlong filtering: truncated completions leave the loss (and ctx.tokens)
+        rollout_completion = batch["completion_mask"].clone()
         batch["completion_mask"][rollout.truncated] = 0
 
     out = []
     for rows_ in chunks:
         w = int(batch["attention_mask"][rows_].sum(-1).max())
         mb = {key: batch[key][rows_, :w] for key in ("input_ids", "attention_mask", "completion_mask")}
-        # the rows as the old / reference passes saw them (before the overlong filter): the update packs rows that
-        # share a prompt the same way, so its log-probs match theirs to the bit
-        mb["rollout_completion_mask"] = rollout_completion[rows_, :w]
+        if rollout_completion is not None:  # the rows as the old / reference passes saw them, before the filter:
+            # the update packs rows that share a prompt the same way, so its log-probs match theirs to the bit
+            mb["rollout_completion_mask"] = rollout_completion[rows_, :w]
         mb["advantages"] = advantages[rows_] if advantages.dim() == 1 else advantages[rows_, : w - 1]
         if ref_logps is not None:
             mb["ref_logps"] = ref_logps[rows_, : w - 1]
