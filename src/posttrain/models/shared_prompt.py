@@ -87,12 +87,17 @@ def decide(setting: Any, model) -> bool:
     return value == "true" or (value == "auto" and _obstacle(model) is None)
 
 
-def applies(setting: Any, model, algo, hparams) -> bool:
-    """Whether a run of ``algo`` packs its rows: :func:`decide`, for a family whose forwards can (``shares_prompt``:
-    not TDPO's logits or KTO's unpaired rows) and not WPO (full-vocabulary logits, two rows)."""
+def algorithm_packs(algo, hparams) -> bool:
+    """Whether ``algo``'s forwards can pack: a family whose forwards can (``shares_prompt``: not TDPO's logits or
+    KTO's unpaired rows), and not WPO (full-vocabulary logits, two rows). The sweep plan counts tokens by it."""
     from posttrain.algorithms.families import of
 
-    return decide(setting, model) and of(algo).shares_prompt and not (hparams or {}).get("wpo")
+    return of(algo).shares_prompt and not (hparams or {}).get("wpo")
+
+
+def applies(setting: Any, model, algo, hparams) -> bool:
+    """Whether a run of ``algo`` packs its rows: :func:`decide` and :func:`algorithm_packs`."""
+    return decide(setting, model) and algorithm_packs(algo, hparams)
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,8 @@ def scale_params(name: str, scale: dict, assume: Assumptions) -> float:
 
 def cell_plan(cell, conf_dir: Path, assume: Assumptions) -> CellPlan:
     """The tokens of one cell (see the module docstring)."""
-    from posttrain.algorithms import families
     from posttrain.algorithms.registry import get
+    from posttrain.models.shared_prompt import algorithm_packs
     from posttrain.sweep.files import _defaults
 
     ov = {**{k: str(v) for k, v in _defaults(str(conf_dir)).items()}, **_overrides(cell)}
@@ -158,8 +158,8 @@ def cell_plan(cell, conf_dir: Path, assume: Assumptions) -> CellPlan:
                       "gold": (prompts if assume.gold_prompts else pairs, 1), "prompts": (prompts, 1)}[algo.data]
     passes = epochs if max_steps is None else min(epochs, max_steps * batch / max(examples, 1))
     cost, ref_per_run, ref_key, ref_once = Cost(), 0.0, None, 0.0
-    packs = (families.of(algo).shares_prompt and not hp.get("wpo")
-             and str(ov.get("trainer.shared_prompt", trainer.get("shared_prompt", "auto"))).lower() != "false")
+    packs = (str(ov.get("trainer.shared_prompt", trainer.get("shared_prompt", "auto"))).lower() != "false"
+             and algorithm_packs(algo, hp))  # auto: Qwen2.5's sdpa attention packs
     if algo.data == "prompts":  # online: the family generates its own samples from prompts
         samples = _int(ov.get("algo.num_samples", algo_yaml.get("num_samples")), 4)
         iters = _int(ov.get("algo.num_iterations", algo_yaml.get("num_iterations")), 1)
