@@ -13,13 +13,14 @@ from omegaconf import OmegaConf
 from posttrain.algorithms import ALGORITHMS, get
 from posttrain.algorithms import families
 from posttrain.algorithms.hparams import ROLLOUT_DEFAULTS
-from posttrain.algorithms.objectives import StepContext, token_logps
+from posttrain.algorithms.objectives import StepContext
 from posttrain.algorithms.online import (policy_gradient_objective, prepare_pairwise, prepare_policy_gradient,
                                          prepare_supervised, schedule_updates, split_hparams, updates_per_step)
 from posttrain.rollout.groups import sampling_seed as _sampling_seed, score_completions as _score
 from posttrain.data.tokenizer import build_char_tokenizer
 from posttrain.losses.advantages import group_zscore
 from posttrain.models.loading import Reference
+from posttrain.models.logps import token_logps
 from posttrain.rewards import REWARD_FUNCTIONS, overlong_penalty
 from posttrain.rollout import SamplingConfig, sample
 from posttrain.train import CHECKPOINT_FILE, train

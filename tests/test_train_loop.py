@@ -117,7 +117,8 @@ def _pair_batch(tok):
 
 
 def test_wpo_and_ld_dpo_options_combine_with_a_pairwise_loss(tok):
-    from posttrain.algorithms.objectives import StepContext, pairwise, token_logps
+    from posttrain.algorithms.objectives import StepContext, pairwise
+    from posttrain.models.logps import token_logps
     from posttrain.losses import options
     from posttrain.losses import pairwise as pairwise_loss
 

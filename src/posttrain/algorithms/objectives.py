@@ -26,8 +26,7 @@ from posttrain.algorithms.memory import LoopMemory, RunningMean
 from posttrain.losses._common import check_hparams
 from posttrain.data.collate import collate, mismatched_partners, mismatched_rows
 from posttrain.models.engine import PROCESS_GROUP
-from posttrain.models.logps import (logps_from_logits, sequence_logps, shared_token_logps, shifted_logits,
-                                   token_logps)
+from posttrain.models.logps import logps_from_logits, sequence_logps, shared_token_logps, shifted_logits
 
 
 @dataclass(frozen=True)
